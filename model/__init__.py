@@ -1,0 +1,1 @@
+"""LongAlign reference implementation: the networks and the maths (no command-line code here)."""
