@@ -1,0 +1,491 @@
+"""Datasets: long-caption image sets, prompt lists, and the synthetic "shapes world".
+
+- CaptionImageDataset: the layouts people already have for long-caption training data (FACTS.md §1, Stage 1):
+  a JSONL manifest of {"image": path, "caption": text}, or a folder of images with same-named .txt captions.
+  Images are resized (shorter side) and centre-cropped to the training resolution and mapped to [-1, 1];
+  captions are dropped to "" at a fixed rate (10% officially) for classifier-free guidance.
+- PromptDataset: prompts only, for the reward stage (FACTS.md §1, Stage 2).
+- The shapes world: a 64×64 world of coloured shapes on a 3×3 grid whose long captions are lists of facts
+  that can all be checked in the pixels. It is the miniature on which the whole pipeline trains on a CPU and
+  the paper's claims are measured exactly.
+
+Every dataset item is a dict {"image": FloatTensor [3, H, W] in [-1, 1], "caption": str}.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces: preprocessing and caption dropout
+# ----------------------------------------------------------------------------------------------------------
+
+def resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` (bicubic), then cut the central square (FACTS.md §1, Stage 1)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def caption_dropped(rate: float, seed: int, epoch: int, index: int) -> bool:
+    """Whether item ``index`` trains unconditionally in ``epoch``; a pure function of its arguments, so a
+    resumed run and every DataLoader worker see the same drops."""
+    return rate > 0 and np.random.default_rng([seed, epoch, index]).random() < rate
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution <= 0 or resolution % 8:
+        raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
+                         f"{resolution}. Try {max(8, round(resolution / 8) * 8)}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Long-caption image datasets
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    image: Path
+    caption: str
+
+
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """Image-caption pairs from a JSONL manifest or a folder of images with same-named .txt files.
+
+    Bad records never stop an epoch and are never silent. Missing files and empty captions are found up
+    front (cheaply: existence and text only) and skipped with one warning that gives the count. An image that
+    turns out to be unreadable at read time is replaced by the next readable record, and each one found is
+    logged with the running count. Call ``set_epoch`` each epoch so caption dropout varies between epochs.
+    """
+
+    def __init__(self, source: str | Path, resolution: int, caption_dropout: float = 0.1, seed: int = 0):
+        check_resolution(resolution)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.resolution, self.caption_dropout, self.seed, self.epoch = resolution, caption_dropout, seed, 0
+        source = Path(source)
+        records = read_manifest(source) if source.is_file() else read_caption_folder(source)
+        self.records = [r for r in records if r.caption and r.image.is_file()]
+        skipped = len(records) - len(self.records)
+        if not self.records:
+            raise ValueError(f"no usable images found in {source} ({len(records)} records, {skipped} with a "
+                             "missing image file or an empty caption).")
+        if skipped:
+            examples = [str(r.image) for r in records if not (r.caption and r.image.is_file())][:3]
+            log.warning("%s: skipped %d of %d records (missing image file or empty caption), e.g. %s",
+                        source, skipped, len(records), ", ".join(examples))
+        self.unreadable: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.records)):
+            candidate = (index + offset) % len(self.records)
+            if candidate in self.unreadable:
+                continue
+            image = self._read(candidate)
+            if image is not None:
+                caption = self.records[candidate].caption
+                if caption_dropped(self.caption_dropout, self.seed, self.epoch, index):
+                    caption = ""
+                return {"image": to_tensor(resize_and_center_crop(image, self.resolution)), "caption": caption}
+        raise RuntimeError(f"none of the {len(self.records)} images could be read; see the warnings above.")
+
+    def _read(self, index: int) -> Image.Image | None:
+        path = self.records[index].image
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            self.unreadable.add(index)
+            log.warning("unreadable image %s (%s): replaced by another record; %d unreadable so far in this "
+                        "process", path, err, len(self.unreadable))
+            return None
+
+
+def read_manifest(path: Path) -> list[Record]:
+    """Records of a JSONL manifest; image paths are relative to the manifest's folder (or absolute)."""
+    records = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            entry = _json_line(line, path, number)
+            missing = [key for key in ("image", "caption") if key not in entry]
+            if missing:
+                raise ValueError(f"{path} line {number}: missing key {' and '.join(map(repr, missing))}; every "
+                                 'line must look like {"image": "relative/path.png", "caption": "..."}.')
+            records.append(Record(path.parent / str(entry["image"]), str(entry["caption"]).strip()))
+    return records
+
+
+def read_caption_folder(folder: Path) -> list[Record]:
+    """Records of a folder (searched recursively): each image with the text of the same-named .txt file."""
+    if not folder.is_dir():
+        raise ValueError(f"data source not found: {folder}. Pass a JSONL manifest or a folder of images with "
+                         "same-named .txt captions.")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return [Record(p, _read_text(p.with_suffix(".txt"))) for p in images]
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {number} is not valid JSON ({err}).") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} line {number}: expected a JSON object, got {type(entry).__name__}.")
+    return entry
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Prompts for the reward stage: a .txt file with one prompt per line, or JSONL with "caption" or
+    "prompt" per line. Empty lines are skipped."""
+
+    def __init__(self, source: str | Path):
+        source = Path(source)
+        if not source.is_file():
+            raise ValueError(f"prompt file not found: {source}. Pass a .txt (one prompt per line) or .jsonl file.")
+        if source.suffix == ".jsonl":
+            self.prompts = _jsonl_prompts(source)
+        else:
+            lines = source.read_text(encoding="utf-8").splitlines()
+            self.prompts = [line.strip() for line in lines if line.strip()]
+        if not self.prompts:
+            raise ValueError(f"no prompts found in {source}.")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.prompts[index]
+
+
+def _jsonl_prompts(path: Path) -> list[str]:
+    prompts = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            entry = _json_line(line, path, number)
+            key = next((k for k in ("caption", "prompt") if k in entry), None)
+            if key is None:
+                raise ValueError(f'{path} line {number}: needs a "caption" or "prompt" key.')
+            if str(entry[key]).strip():
+                prompts.append(str(entry[key]).strip())
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shapes world (issue 7): every sentence of a caption is a fact that can be checked in the pixels
+# ----------------------------------------------------------------------------------------------------------
+
+CANVAS = 64
+GRID = 3
+# Cell k of a row or column covers [k*64//3, (k+1)*64//3): 0-21, 21-42, 42-64 (the last one runs to 64).
+CELL_EDGES = [k * CANVAS // GRID for k in range(GRID)] + [CANVAS]
+POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+             "bottom left", "bottom middle", "bottom right")
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
+          "purple": (130, 50, 170), "orange": (240, 130, 20), "cyan": (20, 190, 200), "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.50, "large": 0.85}  # fraction of the cell side
+MAX_JITTER = 2                           # pixels, and never beyond the cell
+TEMPLATES = ("There is a {size} {color} {shape} in the {position}.",
+             "In the {position}, you can see a {size} {color} {shape}.",
+             "A {size} {color} {shape} sits in the {position}.")
+EMPTY_TEMPLATE = "The {position} is empty."
+EMPTY_MENTION_RATE = 0.5                 # each empty cell gets its sentence with this probability
+
+INK_DISTANCE = 60          # a pixel is ink when its RGB distance from white exceeds this
+OBJECT_MIN_INK = 0.05      # an object fact needs at least this share of the cell in ink
+EMPTY_MAX_INK = 0.03       # an empty fact needs less than this
+# Secondary shape test: the share of the ink's bounding box that is ink. A square fills it (1.0), a disc
+# about π/4 ≈ 0.79, an upright triangle about 0.5; the cut-offs sit between these.
+SQUARE_MIN_FILL, CIRCLE_MIN_FILL = 0.9, 0.65
+
+SPLIT_SEED_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}  # disjoint seed ranges
+SPLIT_SIZE = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    cell: int            # 0..8, row by row (index into POSITIONS)
+    shape: str
+    color: str
+    size: str
+    jitter: tuple[int, int]  # (dx, dy) pixels from the centred placement
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+    empty_mentioned: tuple[int, ...]  # the empty cells whose "The {position} is empty." is a fact
+
+
+def cell_box(cell: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a grid cell, end-exclusive."""
+    row, col = divmod(cell, GRID)
+    return CELL_EDGES[col], CELL_EDGES[row], CELL_EDGES[col + 1], CELL_EDGES[row + 1]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """4 to 9 objects in distinct cells; each empty cell is mentioned with probability EMPTY_MENTION_RATE."""
+    cells = rng.sample(range(GRID * GRID), rng.randint(4, 9))
+    objects = []
+    for cell in sorted(cells):
+        size = rng.choice(list(SIZES))
+        reach = min(MAX_JITTER, _margin(cell, size))
+        objects.append(ShapeObject(cell, rng.choice(SHAPES), rng.choice(list(COLORS)), size,
+                                   (rng.randint(-reach, reach), rng.randint(-reach, reach))))
+    empty = [c for c in range(GRID * GRID) if c not in cells and rng.random() < EMPTY_MENTION_RATE]
+    return Scene(tuple(objects), tuple(empty))
+
+
+def _side(cell: int, size: str) -> int:
+    x0, y0, x1, y1 = cell_box(cell)
+    return round(SIZES[size] * min(x1 - x0, y1 - y0))
+
+
+def _margin(cell: int, size: str) -> int:
+    x0, y0, x1, y1 = cell_box(cell)
+    return (min(x1 - x0, y1 - y0) - _side(cell, size)) // 2
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene on a white 64×64 canvas, without anti-aliasing, so every ink pixel has a pure colour."""
+    image = Image.new("RGB", (CANVAS, CANVAS), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = cell_box(obj.cell)
+        side = _side(obj.cell, obj.size)
+        left = x0 + (x1 - x0 - side) // 2 + obj.jitter[0]
+        top = y0 + (y1 - y0 - side) // 2 + obj.jitter[1]
+        right, bottom = left + side - 1, top + side - 1  # PIL boxes include their last pixel
+        color = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=color)
+        elif obj.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=color)
+        else:
+            draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=color)
+    return image
+
+
+def fact_sentences(scene: Scene, rng: random.Random) -> list[tuple[int, str]]:
+    """(cell, sentence) for every fact, in caption order: a random template per object, then shuffled."""
+    facts = [(o.cell, rng.choice(TEMPLATES).format(size=o.size, color=o.color, shape=o.shape,
+                                                      position=POSITIONS[o.cell])) for o in scene.objects]
+    facts += [(c, EMPTY_TEMPLATE.format(position=POSITIONS[c])) for c in scene.empty_mentioned]
+    rng.shuffle(facts)
+    return facts
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """The scene's long caption: one sentence per fact, shuffled, joined by spaces."""
+    return " ".join(sentence for _, sentence in fact_sentences(scene, rng))
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a shapes-world caption (every sentence ends with a full stop)."""
+    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer():
+    from model.tokenizer import CLIPTokenizer
+    return CLIPTokenizer()
+
+
+def sentence_token_starts(sentences: list[str], tokenizer=None) -> list[int]:
+    """Where each sentence of " ".join(sentences) starts in the framed token sequence [sot] + ids + [eot].
+
+    Index 0 is <sot>, so the first sentence starts at 1. Plain 77-token truncation keeps content tokens
+    1..75 only, so a sentence that starts at 76 or later is lost entirely. CLIP's pre-tokenizer splits at
+    spaces, so the caption's ids are the concatenation of the sentences' ids.
+    """
+    tokenizer = tokenizer or _default_tokenizer()
+    starts, position = [], 1
+    for sentence in sentences:
+        starts.append(position)
+        position += len(tokenizer.encode(sentence))
+    return starts
+
+
+def sentence_cell(sentence: str) -> int:
+    """The grid cell a shapes-world sentence talks about."""
+    for cell, name in enumerate(POSITIONS):
+        if re.search(rf"\b{name}\b", sentence):
+            return cell
+    raise ValueError(f"not a shapes-world sentence (it names no position): {sentence!r}")
+
+
+def check_facts(image: Image.Image | np.ndarray, scene: Scene, caption_text: str | None = None,
+                tokenizer=None) -> dict:
+    """Check every fact of ``scene`` in ``image`` by the definition of issue 7.
+
+    - ink: RGB distance from white > 60;
+    - an object fact holds when the cell's ink covers >= 5% of the cell AND more than half of the ink pixels
+      are nearest (in RGB, among the 8 colours) to the named colour;
+    - an empty fact holds when ink covers < 3% of the cell;
+    - shape is a separate, secondary score: the ink's bounding-box fill (see SQUARE_MIN_FILL).
+
+    With ``caption_text`` each fact also gets its sentence and ``token_start`` (see sentence_token_starts).
+    Returns {"facts": [per-fact dict], "accuracy": share of facts that hold,
+             "shape_accuracy": share of object facts whose shape test passes}.
+    """
+    pixels = _as_rgb_array(image)
+    ink = np.linalg.norm(pixels - 255.0, axis=-1) > INK_DISTANCE                               # [64, 64]
+    nearest = np.argmin(np.linalg.norm(pixels[:, :, None, :] - _palette(), axis=-1), axis=-1)  # [64, 64]
+    facts = [_object_fact(obj, ink, nearest) for obj in scene.objects]
+    facts += [_empty_fact(cell, ink) for cell in scene.empty_mentioned]
+    if caption_text is not None:
+        _attach_sentences(facts, caption_text, tokenizer)
+    objects = [f for f in facts if f["kind"] == "object"]
+    return {"facts": facts,
+            "accuracy": float(np.mean([f["holds"] for f in facts])) if facts else 1.0,
+            "shape_accuracy": float(np.mean([f["shape_holds"] for f in objects])) if objects else 1.0}
+
+
+def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    if pixels.shape != (CANVAS, CANVAS, 3):
+        raise ValueError(f"shapes-world images are {CANVAS}×{CANVAS} RGB, got an array of shape {pixels.shape}")
+    return pixels
+
+
+def _palette() -> np.ndarray:
+    return np.array(list(COLORS.values()), dtype=np.float64)  # [8, 3] in COLORS order
+
+
+def _cell_slice(cell: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = cell_box(cell)
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _object_fact(obj: ShapeObject, ink: np.ndarray, nearest: np.ndarray) -> dict:
+    cell_ink = ink[_cell_slice(obj.cell)]
+    ink_fraction = float(cell_ink.mean())
+    named = list(COLORS).index(obj.color)
+    color_fraction = float((nearest[_cell_slice(obj.cell)][cell_ink] == named).mean()) if cell_ink.any() else 0.0
+    return {"kind": "object", "cell": obj.cell, "position": POSITIONS[obj.cell], "color": obj.color,
+            "shape": obj.shape, "size": obj.size, "ink_fraction": ink_fraction, "color_fraction": color_fraction,
+            "holds": ink_fraction >= OBJECT_MIN_INK and color_fraction > 0.5,
+            "shape_seen": classify_shape(cell_ink), "shape_holds": classify_shape(cell_ink) == obj.shape}
+
+
+def _empty_fact(cell: int, ink: np.ndarray) -> dict:
+    ink_fraction = float(ink[_cell_slice(cell)].mean())
+    return {"kind": "empty", "cell": cell, "position": POSITIONS[cell], "ink_fraction": ink_fraction,
+            "holds": ink_fraction < EMPTY_MAX_INK}
+
+
+def classify_shape(cell_ink: np.ndarray) -> str | None:
+    """Square, circle or triangle from how much of the ink's bounding box is ink; None without ink."""
+    rows, cols = np.nonzero(cell_ink)
+    if rows.size == 0:
+        return None
+    box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = rows.size / box_area
+    return "square" if fill >= SQUARE_MIN_FILL else "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
+
+
+def _attach_sentences(facts: list[dict], caption_text: str, tokenizer) -> None:
+    sentences = split_sentences(caption_text)
+    starts = sentence_token_starts(sentences, tokenizer)
+    by_cell = {sentence_cell(s): (s, start) for s, start in zip(sentences, starts)}
+    for fact in facts:
+        if fact["cell"] not in by_cell:
+            raise ValueError(f"the caption has no sentence about the {fact['position']}, a fact of this scene.")
+        fact["sentence"], fact["token_start"] = by_cell[fact["cell"]]
+
+
+# Seeded splits: example i of a split is a pure function of (split, i), and the splits use disjoint seeds.
+
+def shapes_example(split: str, index: int) -> tuple[Scene, str]:
+    """Scene and caption number ``index`` of ``split`` ("train", "val" or "test")."""
+    if split not in SPLIT_SEED_BASE:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_SEED_BASE)}.")
+    if not 0 <= index < SPLIT_SIZE:
+        raise ValueError(f"example index must be in [0, {SPLIT_SIZE}), got {index}")
+    rng = random.Random(SPLIT_SEED_BASE[split] + index)
+    scene = random_scene(rng)
+    return scene, caption(scene, rng)
+
+
+def shapes_split(split: str, n: int) -> list[tuple[Scene, str]]:
+    """The first ``n`` (scene, caption) pairs of a split."""
+    return [shapes_example(split, i) for i in range(n)]
+
+
+def write_shapes_manifest(folder: str | Path, split: str, n: int) -> Path:
+    """Render ``n`` examples of ``split`` as PNGs plus ``manifest.jsonl`` (the layout CaptionImageDataset reads).
+
+    Each line also records its split and index, so the scene behind an image can be rebuilt for checking.
+    """
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (scene, text) in enumerate(shapes_split(split, n)):
+        name = f"images/{split}_{index:06d}.png"
+        render(scene).save(folder / name)
+        lines.append(json.dumps({"image": name, "caption": text, "split": split, "index": index}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """The first ``n`` examples of a shapes-world split, rendered on the fly (no disk), with caption dropout."""
+
+    def __init__(self, split: str, n: int, caption_dropout: float = 0.1, seed: int = 0):
+        if split not in SPLIT_SEED_BASE:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_SEED_BASE)}.")
+        self.split, self.n, self.caption_dropout, self.seed, self.epoch = split, n, caption_dropout, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        scene, text = shapes_example(self.split, index)
+        if caption_dropped(self.caption_dropout, self.seed, self.epoch, index):
+            text = ""
+        return {"image": to_tensor(render(scene)), "caption": text}

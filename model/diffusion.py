@@ -1,0 +1,257 @@
+"""Noise schedule and samplers for Stable Diffusion 1.5 (FACTS.md §2 "Noise schedule and sampling").
+
+Notation, shared by the DDPM, DDIM and DPM-Solver papers:
+    ᾱ_t   = alphas_cumprod[t], the fraction of signal power left at training step t
+    α_t   = sqrt(ᾱ_t)        (signal scale)
+    σ_t   = sqrt(1 − ᾱ_t)    (noise scale)
+    λ_t   = log(α_t / σ_t)   (half the log signal-to-noise ratio; DPM-Solver works in λ)
+    x_t   = α_t·x0 + σ_t·ε   (the forward process; SD-1.5 predicts ε)
+
+Precision. The schedule is built in float64, once, on the CPU. Every sampler coefficient is a Python float
+taken from those float64 tables, so the samplers run unchanged on any device and dtype, and a coefficient
+never enters the autograd graph. The tensor arithmetic of each step runs in at least float32 and returns the
+input's dtype: near t = 0, σ_t ≈ 0.03, and near t = 999, dividing by α_t ≈ 0.07 amplifies rounding, so doing
+those steps in fp16/bf16 would add avoidable error. Steps are plain out-of-place tensor arithmetic, so the
+reward stage can backpropagate through them.
+
+Sampling with a UNet: `sample_loop(unet, sampler, latents, cond, uncond, scale)`, where `sampler` is a
+`DDIMSampler` or a `DPMSolverSampler` and `unet(x, t, context) -> eps`.
+"""
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+SPACINGS = ("leading", "trailing")
+
+
+class NoiseSchedule:
+    """SD-1.5's "scaled_linear" DDPM schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)**2.
+
+    ᾱ_0 = 0.99915 and ᾱ_999 ≈ 0.0046601 (FACTS.md §2). The original LDM code also builds it in float64;
+    diffusers builds it in float32, which differs by up to 1e-6 relative.
+    """
+
+    def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+        self.num_train_timesteps = num_train_timesteps
+        self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # Kept as separate float64 tables: forming sqrt(1 − ᾱ_t) from a float32 ᾱ_t near t = 0 would lose
+        # about four of float32's seven digits.
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self._device_tables = {}
+
+    def scales(self, t, like):
+        """(α_t, σ_t) for a timestep `t`, ready to multiply a tensor shaped like `like`.
+
+        An int `t` gives two Python floats. A 0-d or [B] integer tensor gives two float32 tensors shaped
+        [B, 1, ..., 1] on `like`'s device (one timestep per sample, as in training).
+        """
+        if isinstance(t, torch.Tensor):
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.ndim > 1:
+                raise ValueError(f"timesteps must be a 0-d or 1-d integer tensor, "
+                                 f"got dtype {t.dtype}, shape {tuple(t.shape)}")
+            alphas, sigmas = self._tables_on(like.device)
+            index = t.reshape(-1).to(like.device)
+            shape = (-1,) + (1,) * (like.ndim - 1)
+            return alphas[index].reshape(shape), sigmas[index].reshape(shape)
+        t = self._check_timestep(t)
+        return self.sqrt_alphas_cumprod[t].item(), self.sqrt_one_minus_alphas_cumprod[t].item()
+
+    def add_noise(self, x0, noise, t):
+        """The forward process x_t = α_t·x0 + σ_t·ε (DDPM paper eq. 4), used by SFT training.
+
+        Returns x0's dtype.
+        """
+        alpha, sigma = self.scales(t, x0)
+        return (alpha * _upcast(x0) + sigma * _upcast(noise)).to(x0.dtype)
+
+    def predict_x0(self, x_t, eps, t):
+        """The model's estimate of the clean sample, x0 = (x_t − σ_t·ε) / α_t (DDIM paper eq. 12, first term).
+
+        Returns x_t's dtype; computed in at least float32 because α_t is as small as 0.07.
+        """
+        alpha, sigma = self.scales(t, x_t)
+        return ((_upcast(x_t) - sigma * _upcast(eps)) / alpha).to(x_t.dtype)
+
+    def _tables_on(self, device):
+        """float32 copies of the α and σ tables on `device`, made once per device: gathering a [B] timestep
+        tensor where it lives avoids a host-device round trip per training step."""
+        if device not in self._device_tables:
+            self._device_tables[device] = (self.sqrt_alphas_cumprod.to(device, torch.float32),
+                                           self.sqrt_one_minus_alphas_cumprod.to(device, torch.float32))
+        return self._device_tables[device]
+
+    def _check_timestep(self, t):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must be an int in [0, {self.num_train_timesteps}), got {t!r}")
+        return t
+
+
+def _upcast(x):
+    """x in float32, or in float64 if it already is; see the module docstring on precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_num_steps(num_steps, most):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise ValueError(f"the number of sampling steps must be an int, got {num_steps!r}")
+    if not 1 <= num_steps <= most:
+        raise ValueError(f"the number of sampling steps must be between 1 and {most}, got {num_steps}; "
+                         "pick a value in that range")
+
+
+def ddim_timesteps(num_steps, spacing="leading", num_train_timesteps=1000, steps_offset=1):
+    """The DDIM timesteps, from noisiest to cleanest, as a CPU LongTensor [num_steps].
+
+    "leading" (diffusers' SD-1.5 default): k·(T // n) + steps_offset, reversed; 50 steps give 981, 961, …, 1.
+    "trailing" (LongAlign's reward rollout): round(T − k·T/n) − 1; 50 steps give 999, 979, …, 19.
+    Both match diffusers' DDIMScheduler for every n, except that "trailing" always gives exactly n steps:
+    diffusers builds it with a float np.arange that, for some n (61, 103, ...), appends a spurious step −1.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; use one of {SPACINGS}")
+    if spacing == "leading":
+        # n = T would put the first step at T + offset = 1000, past the end of the schedule.
+        _check_num_steps(num_steps, num_train_timesteps - steps_offset)
+        stride = num_train_timesteps // num_steps
+        return (torch.arange(num_steps - 1, -1, -1) * stride + steps_offset).long()
+    _check_num_steps(num_steps, num_train_timesteps)
+    # T − k·T/n is written the way numpy's arange forms it, T + k·((T − T/n) − T): when the exact value is a
+    # half (n a multiple of 16), the last bit of that stride decides the rounding, and this matches diffusers.
+    stride = (num_train_timesteps - num_train_timesteps / num_steps) - num_train_timesteps
+    k = torch.arange(num_steps, dtype=torch.float64)
+    return (torch.round(num_train_timesteps + k * stride) - 1).long()
+
+
+def dpm_solver_timesteps(num_steps, num_train_timesteps=1000):
+    """DPMSolverMultistepScheduler's default ("linspace") timesteps as a CPU LongTensor [num_steps].
+
+    n + 1 evenly spaced points from T − 1 down to 0, rounded, with the final 0 dropped (the last step goes to
+    σ = 0 instead); 20 steps give 999, 949, …, 50. n = T would repeat timesteps, so n ≤ T − 1.
+    """
+    _check_num_steps(num_steps, num_train_timesteps - 1)
+    k = torch.arange(num_steps, 0, -1, dtype=torch.float64)
+    # k·((T−1)/n) is written as numpy's linspace forms it, so halves round the same way.
+    return torch.round(k * ((num_train_timesteps - 1) / num_steps)).long()
+
+
+class DDIMSampler:
+    """Deterministic DDIM (eta = 0): step i moves x from timesteps[i] to timesteps[i + 1].
+
+    The last step goes to t = 0, i.e. ᾱ_0 = 0.99915, not to ᾱ = 1 (SD-1.5's set_alpha_to_one = False).
+    Each step goes to the NEXT LISTED timestep. diffusers instead always steps back by T // n (diffusers
+    issues #9261, #12633); the two agree for "leading", and for "trailing" whenever n divides 1000 (LongAlign's
+    50 steps included).
+    """
+
+    def __init__(self, schedule, num_steps, spacing="leading"):
+        self.schedule = schedule
+        self.timesteps = ddim_timesteps(num_steps, spacing, schedule.num_train_timesteps)
+        self._targets = self.timesteps.tolist()[1:] + [0]
+
+    def step(self, eps, i, x):
+        """x_{t_i} -> x_{t_{i+1}} given the model's ε at step index i (DDIM paper eq. 12 with σ_t = 0):
+
+            x_prev = α_prev · x0 + σ_prev · ε,   with x0 = (x − σ_t·ε) / α_t.
+
+        Returns x's dtype. Out of place, and differentiable with respect to both `eps` and `x`.
+        """
+        t = _check_step_index(i, self.timesteps)
+        x0 = self.schedule.predict_x0(_upcast(x), eps, t)
+        alpha_prev, sigma_prev = self.schedule.scales(self._targets[i], x)
+        return (alpha_prev * x0 + sigma_prev * _upcast(eps)).to(x.dtype)
+
+
+def _check_step_index(i, timesteps):
+    """The timestep (an int) of step index i, after checking that i is a valid index."""
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(timesteps):
+        raise ValueError(f"step index must be an int in [0, {len(timesteps)}), got {i!r}")
+    return int(timesteps[i])
+
+
+class DPMSolverSampler:
+    """DPM-Solver++(2M): multistep, second order, on the data (x0) prediction (Lu et al. 2022, Algorithm 2).
+
+    This matches diffusers' DPMSolverMultistepScheduler defaults for SD-1.5: "linspace" timesteps, the first
+    step first order (there is no previous x0 yet), the last step first order and to σ = 0 (final_sigmas_type
+    "zero"), which makes the final sample the last x0 prediction. Steps must be taken in order 0, 1, …, n − 1;
+    step 0 starts a fresh run. The only state is the previous x0 and the index of the next step.
+    """
+
+    def __init__(self, schedule, num_steps):
+        self.schedule = schedule
+        self.timesteps = dpm_solver_timesteps(num_steps, schedule.num_train_timesteps)
+        alphas = [schedule.sqrt_alphas_cumprod[t].item() for t in self.timesteps]
+        sigmas = [schedule.sqrt_one_minus_alphas_cumprod[t].item() for t in self.timesteps]
+        lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
+        # Step i goes from λ_i to λ_{i+1}; the last step goes to σ = 0, where λ = +∞.
+        self._coefficients = []
+        for i in range(num_steps - 1):
+            h = lambdas[i + 1] - lambdas[i]
+            h_before = lambdas[i] - lambdas[i - 1] if i > 0 else None
+            # x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·D; expm1 keeps e^{−h} − 1 accurate for small h.
+            self._coefficients.append((sigmas[i + 1] / sigmas[i], -alphas[i + 1] * math.expm1(-h), h_before, h))
+        # The last step: σ_next = 0, α_next = 1 and e^{−∞} = 0, so x_next = D = x0.
+        self._coefficients.append((0.0, 1.0, None, math.inf))
+        self._previous_x0 = None
+        self._next_index = 0
+
+    def step(self, eps, i, x):
+        """x_{t_i} -> x_{t_{i+1}} (DPM-Solver++ paper, Algorithm 2):
+
+            x_next = (σ_next/σ_i) · x − α_next·(e^{−h} − 1) · D,     h = λ_next − λ_i,
+            D = x0_i                                  (first order, = DDIM), or
+            D = x0_i + (x0_i − x0_{i−1}) / (2·r),     r = h_{i−1} / h  (second order).
+
+        Returns x's dtype; computed in at least float32, as diffusers also does for this solver.
+        """
+        t = _check_step_index(i, self.timesteps)
+        if i == 0:
+            self._previous_x0 = None
+        elif i != self._next_index:
+            raise ValueError(f"DPM-Solver steps must be taken in order: expected step {self._next_index}, got {i}; "
+                             "restart from step 0 for a new sample")
+        x0 = self.schedule.predict_x0(_upcast(x), eps, t)
+        x_scale, d_scale, h_before, h = self._coefficients[i]
+        first_order = self._previous_x0 is None or i == len(self.timesteps) - 1
+        d = x0 if first_order else x0 + (x0 - self._previous_x0) * (h / (2.0 * h_before))
+        self._previous_x0 = x0
+        self._next_index = i + 1
+        return (x_scale * _upcast(x) + d_scale * d).to(x.dtype)
+
+
+def guided_eps(unet, x, t, cond, uncond, scale):
+    """Classifier-free guidance: ε = ε_u + s·(ε_c − ε_u) (Ho & Salimans 2022, eq. 6).
+
+    One batched UNet call on cat([uncond, cond]). x: [B, 4, h, w]; cond: [B, L, D]; uncond: [B or 1, L, D]
+    (a single empty-prompt embedding is shared by the batch). t: an int, a 0-d tensor, or a [B] tensor.
+    x is cast to the context's dtype (the UNet's working dtype); the guided ε comes back in at least float32,
+    because s = 7.5 amplifies rounding in ε_c − ε_u.
+    """
+    same_tokens = cond.ndim == uncond.ndim == 3 and uncond.shape[1:] == cond.shape[1:]
+    if not same_tokens or uncond.shape[0] not in (1, cond.shape[0]):
+        raise ValueError(f"cond must be [B, L, D] and uncond [B or 1, L, D] with the same L and D; got "
+                         f"{tuple(cond.shape)} and {tuple(uncond.shape)} (encode both prompts the same way)")
+    if x.shape[0] != cond.shape[0]:
+        raise ValueError(f"latents have batch {x.shape[0]} but cond has batch {cond.shape[0]}")
+    batch = x.shape[0]
+    context = torch.cat([uncond.expand(batch, -1, -1), cond]).to(cond.dtype)  # [2B, L, D]
+    x_in = torch.cat([x, x]).to(cond.dtype)  # [2B, 4, h, w]
+    t_in = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
+    eps_uncond, eps_cond = _upcast(unet(x_in, t_in, context)).chunk(2)
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_loop(unet, sampler, latents, cond, uncond, scale, progress=True):
+    """Run every step of `sampler` from `latents` (pure noise at timesteps[0]) with classifier-free guidance.
+
+    The latent trajectory is kept in at least float32 and only the UNet input is cast to the context's dtype,
+    so 50 steps of fp16 rounding do not accumulate. Returns the final latents in `latents`' dtype.
+    """
+    x = _upcast(latents)
+    for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc="sampling", disable=not progress)):
+        x = sampler.step(guided_eps(unet, x, t, cond, uncond, scale), i, x)
+    return x.to(latents.dtype)

@@ -1,0 +1,384 @@
+"""Triton kernels and their plain-PyTorch twins.
+
+Every kernel in this file comes as a pair:
+
+* the **twin**: a short plain-PyTorch function. It is the readable definition of
+  what the kernel computes, the reference the tests compare against, and the
+  path used on CPU (or wherever Triton is missing, e.g. macOS).
+* the **kernel**: a Triton program that computes the same thing in fewer memory
+  passes on the GPU. Its public wrapper has the same signature as the twin.
+
+A small dispatcher, :func:`use_triton`, decides which of the two runs. It reads
+the environment variable ``LONGALIGN_KERNELS``:
+
+* ``auto`` (default): the Triton kernel for CUDA tensors, the twin elsewhere.
+* ``triton``: always the kernel, even for CPU tensors. On CPU this only works
+  under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the tests
+  check kernel against twin without a GPU.
+* ``torch``: always the twin.
+
+Triton is imported behind a guard so this module stays importable without it;
+kernels are only defined when the import succeeded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS, or a CPU-only install without Triton
+    triton = None
+    tl = None
+
+HAVE_TRITON = triton is not None
+KERNELS_ENV = "LONGALIGN_KERNELS"
+_MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    """The value of ``LONGALIGN_KERNELS`` ("auto" when unset), validated."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(
+            f"{KERNELS_ENV}={mode!r} is not understood; use one of {', '.join(_MODES)}.")
+    return mode
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run on ``tensors``, False for the twin."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError(
+                f"{KERNELS_ENV}=triton but Triton is not installed; install triton "
+                f"or set {KERNELS_ENV}=torch (or auto).")
+        return True
+    return HAVE_TRITON and all(t.is_cuda for t in tensors)
+
+
+# ==== Segment concatenation (LongAlign §3) ====
+#
+# Every segment (sentence) of every prompt was encoded on its own as a 77-token
+# block. The context for a prompt keeps a contiguous run of rows from each of its
+# blocks (for the paper's variant: <sot> plus the content tokens), puts the runs
+# one after another, cuts the result at `max_tokens` rows and fills the rest with
+# the fixed vector <pad*> (FACTS.md §1 "Segment-level text encoding").
+#
+# Layout of the inputs, shared by twin and kernel:
+#   hidden               [S, L, D]  encoder output of all S segments, prompt by prompt
+#   kept_start, kept_len [S]        segment s contributes hidden[s, start : start + len]
+#   segments_per_prompt  [B]        prompt b owns the next segments_per_prompt[b] blocks
+#   pad                  [D]        <pad*>
+# Output: [B, max_tokens, D] in hidden's dtype.
+
+
+def _check_concat_inputs(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens):
+    """Raise a clear ValueError for inputs that do not describe a valid layout."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [segments, tokens, dim], got shape {tuple(hidden.shape)}.")
+    n_segments, block_len, dim = hidden.shape
+    if kept_start.shape != (n_segments,) or kept_len.shape != (n_segments,):
+        raise ValueError(
+            f"kept_start and kept_len must both have shape [{n_segments}] (one entry per segment), "
+            f"got {tuple(kept_start.shape)} and {tuple(kept_len.shape)}.")
+    if segments_per_prompt.dim() != 1 or int(segments_per_prompt.sum()) != n_segments:
+        raise ValueError(
+            f"segments_per_prompt must be a 1-D tensor summing to the {n_segments} segments in hidden, "
+            f"got {segments_per_prompt.tolist()}.")
+    if bool((kept_start < 0).any() or (kept_len < 0).any() or (kept_start + kept_len > block_len).any()):
+        raise ValueError(f"every kept run must lie inside its {block_len}-token block.")
+    if pad.shape != (dim,):
+        raise ValueError(f"pad must have shape [{dim}] to match hidden, got {tuple(pad.shape)}.")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}.")
+
+
+def concat_segments_torch(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
+                          segments_per_prompt: torch.Tensor, pad: torch.Tensor,
+                          max_tokens: int) -> torch.Tensor:
+    """Plain-PyTorch twin of the segment concatenation: the readable definition.
+
+    For each prompt: take the kept run of every one of its segments in order,
+    concatenate, truncate to ``max_tokens`` rows, pad with ``pad``. Differentiable.
+    """
+    _check_concat_inputs(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
+    pad = pad.to(hidden.dtype)
+    contexts, first = [], 0
+    for count in segments_per_prompt.tolist():
+        runs = [hidden[s, start:start + length] for s, start, length in
+                zip(range(first, first + count), kept_start[first:first + count].tolist(),
+                    kept_len[first:first + count].tolist())]
+        kept = torch.cat(runs + [hidden.new_zeros(0, hidden.shape[2])])[:max_tokens]
+        fill = pad.expand(max_tokens - kept.shape[0], -1)
+        contexts.append(torch.cat([kept, fill]))
+        first += count
+    return torch.stack(contexts) if contexts else hidden.new_zeros(0, max_tokens, hidden.shape[2])
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _concat_segments_kernel(hidden_ptr, kept_start_ptr, kept_len_ptr, first_segment_ptr,
+                                segment_count_ptr, pad_ptr, out_ptr, max_tokens, dim, block_len,
+                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program writes a BLOCK_T x BLOCK_D tile of one prompt's context, once.
+        prompt = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)   # output rows of the tile
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)   # feature columns of the tile
+        first = tl.load(first_segment_ptr + prompt)
+        count = tl.load(segment_count_ptr + prompt)
+
+        # Walk the prompt's segments to find, for every output row, the source row
+        # in hidden viewed as [S * block_len, D]; -1 means "past the text: <pad*>".
+        source_row = tl.full([BLOCK_T], -1, tl.int64)
+        offset = tl.full([], 0, tl.int32)                        # rows filled by earlier segments
+        for k in range(0, count):
+            segment = first + k
+            start = tl.load(kept_start_ptr + segment)
+            length = tl.load(kept_len_ptr + segment)
+            inside = (t >= offset) & (t < offset + length)
+            row = segment.to(tl.int64) * block_len + start + (t - offset)
+            source_row = tl.where(inside, row, source_row)
+            offset += length
+
+        row_ok = t < max_tokens
+        col_ok = d < dim
+        from_text = source_row >= 0
+        text = tl.load(hidden_ptr + source_row[:, None] * dim + d[None, :],
+                       mask=(from_text & row_ok)[:, None] & col_ok[None, :], other=0.0)
+        pad = tl.load(pad_ptr + d, mask=col_ok, other=0.0)
+        tile = tl.where(from_text[:, None], text, pad[None, :])
+        out_row = prompt.to(tl.int64) * max_tokens + t
+        tl.store(out_ptr + out_row[:, None] * dim + d[None, :], tile,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def concat_segments_triton(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
+                           segments_per_prompt: torch.Tensor, pad: torch.Tensor,
+                           max_tokens: int) -> torch.Tensor:
+    """Triton kernel for :func:`concat_segments_torch`, same signature, no autograd.
+
+    Gather, truncation and <pad*> fill happen in one pass: each output row is
+    read from its source (or from <pad*>) and written exactly once.
+    """
+    _check_concat_inputs(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
+    n_prompts = segments_per_prompt.shape[0]
+    dim, block_len = hidden.shape[2], hidden.shape[1]
+    out = torch.empty(n_prompts, max_tokens, dim, dtype=hidden.dtype, device=hidden.device)
+    if n_prompts == 0:
+        return out
+    index = dict(dtype=torch.int32, device=hidden.device)
+    counts = segments_per_prompt.to(**index)
+    first_segment = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    block_t, block_d = 16, 256
+    grid = (n_prompts, triton.cdiv(max_tokens, block_t), triton.cdiv(dim, block_d))
+    _concat_segments_kernel[grid](
+        hidden.contiguous(), kept_start.to(**index), kept_len.to(**index), first_segment, counts,
+        pad.to(hidden.dtype).contiguous(), out, max_tokens, dim, block_len,
+        BLOCK_T=block_t, BLOCK_D=block_d)
+    return out
+
+
+def concat_segments(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
+                    segments_per_prompt: torch.Tensor, pad: torch.Tensor,
+                    max_tokens: int) -> torch.Tensor:
+    """Build the [B, max_tokens, D] contexts from per-segment encodings (LongAlign §3).
+
+    Runs the Triton kernel when :func:`use_triton` says so, else the twin. The
+    kernel has no backward, so when gradients must flow into ``hidden`` or
+    ``pad`` the twin runs.
+    """
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or pad.requires_grad)
+    if not needs_grad and use_triton(hidden, pad):
+        return concat_segments_triton(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
+    return concat_segments_torch(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
+
+
+# ==== Score projection (LongAlign §4) ====
+
+from typing import NamedTuple  # noqa: E402  (this section's own imports)
+import torch.nn.functional as F  # noqa: E402
+
+
+class ScoreParts(NamedTuple):
+    """Per-pair scores of LongAlign §4 (each [B], float32 or wider).
+
+    ``score`` is the reweighted reward ``relevant + ω·irrelevant`` and is the only output that carries a
+    gradient (to the raw image embedding). The other four are reported values, without gradient.
+    """
+
+    score: torch.Tensor
+    original: torch.Tensor
+    relevant: torch.Tensor
+    irrelevant: torch.Tensor
+    eta: torch.Tensor
+
+
+def segment_text_embedding(segment_embeddings: torch.Tensor, segment_mask: torch.Tensor) -> torch.Tensor:
+    """C_P: the plain mean of the L2-normalized segment embeddings of each prompt (FACTS.md §1).
+
+    ``segment_embeddings`` [B, S, P] (raw projections), ``segment_mask`` [B, S] (True = a real segment).
+    The mean is deliberately NOT renormalized, so C_X·C_P is the mean of the per-segment cosines.
+    """
+    keep = (segment_mask != 0)[..., None]  # [B, S, 1]
+    unit = torch.where(keep, F.normalize(segment_embeddings, dim=-1), 0.0)  # padding slots may hold anything
+    return unit.sum(dim=1) / keep.sum(dim=1)
+
+
+def reweighted_text(text_embedding: torch.Tensor, direction: torch.Tensor, omega: float) -> torch.Tensor:
+    """T' = T − (1−ω)(T·V)V = C_P⊥ + ω·η·V (LongAlign §4): shrink the common-direction part by ω."""
+    eta = text_embedding @ direction
+    return text_embedding - (1.0 - omega) * eta[..., None] * direction
+
+
+def score_projection_torch(image_embeddings: torch.Tensor, segment_embeddings: torch.Tensor,
+                           segment_mask: torch.Tensor, direction: torch.Tensor, omega: float) -> ScoreParts:
+    """The readable definition of the score projection (LongAlign §4), in plain differentiable PyTorch.
+
+    With C_X = x/|x| (x the raw image embedding), C_P the segment mean and V the unit common direction:
+      η = C_P·V,  original = C_X·C_P,  relevant = C_X·(C_P − ηV),  irrelevant = η·C_X·V,
+      score = relevant + ω·irrelevant = C_X·T'   (T' from :func:`reweighted_text`).
+    Only ``score`` keeps its autograd graph; gradients flow to every input that requires them.
+    Computes in float32 (float64 stays float64).
+    """
+    dtype = torch.promote_types(image_embeddings.dtype, torch.float32)
+    image_unit = F.normalize(image_embeddings.to(dtype), dim=-1)
+    text = segment_text_embedding(segment_embeddings.to(dtype), segment_mask)
+    direction = F.normalize(direction.to(dtype), dim=0)
+    eta = text @ direction
+    relevant = (image_unit * (text - eta[:, None] * direction)).sum(-1)
+    irrelevant = eta * (image_unit @ direction)
+    score = (image_unit * reweighted_text(text, direction, omega)).sum(-1)
+    original = (image_unit * text).sum(-1)
+    return ScoreParts(score, original.detach(), relevant.detach(), irrelevant.detach(), eta.detach())
+
+
+def _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega) -> None:
+    batch, width = image_embeddings.shape if image_embeddings.dim() == 2 else (None, None)
+    if batch is None:
+        raise ValueError(f"image embeddings must be [B, P]; got shape {tuple(image_embeddings.shape)}.")
+    if segment_embeddings.dim() != 3 or segment_embeddings.shape[0] != batch or segment_embeddings.shape[2] != width:
+        raise ValueError(f"segment embeddings must be [B, S, P] = [{batch}, S, {width}]; "
+                         f"got {tuple(segment_embeddings.shape)}.")
+    if tuple(segment_mask.shape) != tuple(segment_embeddings.shape[:2]):
+        raise ValueError(f"segment mask must be [B, S] = {tuple(segment_embeddings.shape[:2])}; "
+                         f"got {tuple(segment_mask.shape)}.")
+    if tuple(direction.shape) != (width,):
+        raise ValueError(f"the common direction must be a [{width}] vector (the scorer's embed dim); "
+                         f"got {tuple(direction.shape)}. Was it fitted with another scorer?")
+    if not isinstance(omega, (int, float)):
+        raise ValueError(f"omega must be a Python number; got {type(omega).__name__}.")
+    if not bool((segment_mask != 0).any(dim=1).all()):
+        raise ValueError("every prompt needs at least one segment, but a row of the segment mask is empty.")
+
+
+def score_projection(image_embeddings: torch.Tensor, segment_embeddings: torch.Tensor,
+                     segment_mask: torch.Tensor, direction: torch.Tensor, omega: float = 1.0) -> ScoreParts:
+    """Segment-level score with its text-relevant / text-irrelevant decomposition and ω reweighting.
+
+    Shapes: image embeddings [B, P] (raw projections, not normalized), segment embeddings [B, S, P]
+    (raw), segment mask [B, S] (bool or 0/1), direction V [P] (normalized here). The gradient that
+    reaches ``image_embeddings`` is that of ``score`` = relevant + ω·irrelevant; ω = 1 gives the original
+    score's gradient, ω = 0 the text-relevant part's. Runs the Triton kernel or the twin (see
+    :func:`use_triton`).
+    """
+    _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
+    if use_triton(image_embeddings, segment_embeddings, segment_mask, direction):
+        return score_projection_triton(image_embeddings, segment_embeddings, segment_mask, direction, omega)
+    return score_projection_torch(image_embeddings, segment_embeddings, segment_mask, direction, omega)
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _score_projection_kernel(image_ptr, text_ptr, mask_ptr, direction_ptr, scores_ptr, grad_ptr,
+                                 batch, segments, width, omega,
+                                 NEED_GRAD: tl.constexpr, BLOCK_P: tl.constexpr):
+        """One program per prompt: read x [P], its S segments [S, P] and V once; write 5 scores (and ∂score/∂x)."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_P)
+        inside = cols < width
+        eps = 1e-12  # as F.normalize: divide by max(|v|, eps)
+
+        x = tl.load(image_ptr + row * width + cols, mask=inside, other=0.0).to(tl.float32)
+        x_norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
+        image_unit = x / x_norm
+        v = tl.load(direction_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), eps)
+
+        text = tl.zeros([BLOCK_P], dtype=tl.float32)
+        count = 0.0
+        for s in range(segments):
+            keep = tl.load(mask_ptr + row * segments + s)  # 0 or 1
+            # a masked-out segment loads nothing (its valid width is 0), so it costs no memory traffic
+            t = tl.load(text_ptr + (row * segments + s) * width + cols, mask=cols < keep * width, other=0.0)
+            t = t.to(tl.float32)
+            text += t / tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), eps)
+            count += keep.to(tl.float32)
+        text = text / count  # C_P, the un-renormalized segment mean
+
+        eta = tl.sum(text * v, axis=0)
+        along_v = tl.sum(image_unit * v, axis=0)
+        original = tl.sum(image_unit * text, axis=0)
+        relevant = tl.sum(image_unit * (text - eta * v), axis=0)
+        irrelevant = eta * along_v
+        text_omega = text - (1.0 - omega) * eta * v  # T'
+        score = tl.sum(image_unit * text_omega, axis=0)
+
+        tl.store(scores_ptr + 0 * batch + row, score)
+        tl.store(scores_ptr + 1 * batch + row, original)
+        tl.store(scores_ptr + 2 * batch + row, relevant)
+        tl.store(scores_ptr + 3 * batch + row, irrelevant)
+        tl.store(scores_ptr + 4 * batch + row, eta)
+        if NEED_GRAD:
+            # ∂(C_X·T')/∂x = (I − C_X C_Xᵀ) T' / |x| = (T' − score·C_X) / |x|
+            tl.store(grad_ptr + row * width + cols, (text_omega - score * image_unit) / x_norm, mask=inside)
+
+
+class _ScoreProjectionFunction(torch.autograd.Function):
+    """Autograd wiring for the kernel: the forward pass also writes ∂score/∂x, so backward is one multiply."""
+
+    @staticmethod
+    def forward(ctx, image_embeddings, segment_embeddings, segment_mask, direction, omega):
+        batch, segments, width = segment_embeddings.shape
+        device = image_embeddings.device
+        scores = torch.empty(5, batch, device=device, dtype=torch.float32)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(batch, width, device=device, dtype=torch.float32) if need_grad else scores
+        _score_projection_kernel[(batch,)](
+            image_embeddings.contiguous(), segment_embeddings.contiguous(),
+            (segment_mask != 0).to(torch.int32).contiguous(), direction.contiguous(), scores, grad,
+            batch, segments, width, float(omega),
+            NEED_GRAD=need_grad, BLOCK_P=triton.next_power_of_2(width))
+        ctx.image_dtype = image_embeddings.dtype
+        ctx.save_for_backward(grad if need_grad else None)
+        outputs = tuple(scores.unbind(0))
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_score, *_reported_values):
+        (grad,) = ctx.saved_tensors
+        grad_image = (grad_score[:, None] * grad).to(ctx.image_dtype)
+        return grad_image, None, None, None, None
+
+
+def score_projection_triton(image_embeddings: torch.Tensor, segment_embeddings: torch.Tensor,
+                            segment_mask: torch.Tensor, direction: torch.Tensor, omega: float) -> ScoreParts:
+    """The fused kernel behind :func:`score_projection`: same values and image gradient as the twin.
+
+    One pass reads each row's image embedding, its segments and V once, and computes the normalizations,
+    the segment mean, η, the scores and ∂score/∂x (computed in float32). Text embeddings come from a
+    frozen scorer, so no gradient flows to them or to V: passing text that requires grad is an error
+    (use :func:`score_projection_torch` if you really need that gradient).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError(f"Triton is not installed; use score_projection_torch or set {KERNELS_ENV}=torch.")
+    if segment_embeddings.requires_grad or direction.requires_grad:
+        raise ValueError("the score-projection kernel gives no gradient to the text side (the scorer is frozen): "
+                         "detach the segment embeddings and the direction, or use score_projection_torch.")
+    return ScoreParts(*_ScoreProjectionFunction.apply(
+        image_embeddings, segment_embeddings, segment_mask, direction, omega))

@@ -1,0 +1,292 @@
+"""Low-rank adapters (LoRA) for the UNet's Linear and Conv2d layers.
+
+LongAlign trains a rank-32 LoRA in both stages (FACTS.md §1, "Training stages"): in supervised fine-tuning, and
+again, freshly initialised on top of the merged SFT weights, in reward fine-tuning. A LoRA layer computes
+
+    y = W x + b + (alpha / r) · up(down(x))
+
+with ``down`` a rank-r projection (for a convolution: the same kernel, stride and padding as the base, out to r
+channels) and ``up`` a map back to the output width (for a convolution: a 1×1 conv). ``up`` starts at zero, so
+a freshly injected model computes exactly what the base model computes.
+
+Choices made here:
+- ``alpha`` defaults to the rank, so the scale alpha/r is 1 and the initialisation below is the official one.
+- ``down`` ~ N(0, std = 1/r), ``up`` = 0 (the official initialisation).
+- The LoRA weights stay fp32 master copies even when the base runs in fp16/bf16: the official release kept
+  them in bf16, which is listed among its defects. ``model.to(torch.bfloat16)`` casts the base weights only.
+- The layer keeps the base layer's parameter names (``weight``, ``bias``), so a model with LoRA still loads
+  diffusers checkpoints key for key; the adapters add ``lora_down`` and ``lora_up`` beside them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.weights import WeightsError, _mismatch_report, read_state_dict, save_state_dict
+
+# The official placement (FACTS.md §1, Stage 2): every Linear/Conv2d of the ResNet blocks, of self-attention
+# (attn1), of cross-attention (attn2; the official note says results are poor without it) and of the GEGLU
+# feed-forward. Matched with re.search against the full module name, e.g.
+# "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".
+DEFAULT_PATTERNS = (
+    r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)$",
+    r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    r"ff\.net\.(0\.proj|2)$",
+)
+
+
+class LoRALayer(nn.Module):
+    """What LoRALinear and LoRAConv2d share: the adapter branch, merging, and fp32 master weights."""
+
+    lora_down: nn.Module
+    lora_up: nn.Module
+
+    def _init_lora(self, rank: int, alpha: float, down: nn.Module, up: nn.Module) -> None:
+        self.rank, self.alpha, self.merged = rank, float(alpha), False
+        self.lora_down, self.lora_up = down, up
+        nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
+        nn.init.zeros_(self.lora_up.weight)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def add_lora_branch(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + scale · up(down(x)); the branch runs in the LoRA weights' dtype (fp32), the sum in y's dtype."""
+        if self.merged:
+            return y
+        branch = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+        return y + branch.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The fp32 change scale · up ∘ down, in the base weight's shape."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + ΔW, computed in fp32 and stored in the base dtype; the branch is then skipped."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − ΔW: exact up to rounding in the base dtype (bit-exact round trips need fp32 weights)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / .half / .cuda all go through _apply. The base weights get the conversion as usual; the
+        # adapters only follow the device, so they stay fp32 master copies.
+        if recurse:
+            device = fn(torch.empty(0, device=self.lora_down.weight.device)).device
+            for adapter in (self.lora_down, self.lora_up):
+                adapter._apply(lambda t: t.to(device=device))
+        return super()._apply(fn, recurse=False)
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """An nn.Linear (same weight and bias objects) plus a LoRA branch."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        device = base.weight.device
+        self._init_lora(rank, alpha, nn.Linear(base.in_features, rank, bias=False, device=device),
+                        nn.Linear(rank, base.out_features, bias=False, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_lora_branch(F.linear(x, self.weight, self.bias), x)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_up.weight @ self.lora_down.weight)  # [out, r] @ [r, in] -> [out, in]
+
+    def plain(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+
+class LoRAConv2d(LoRALayer, nn.Conv2d):
+    """An nn.Conv2d (same weight and bias objects) plus a LoRA branch: down is a conv with the base kernel,
+    stride and padding into ``rank`` channels, up is a 1×1 conv back to the output channels."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float):
+        if base.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported.")
+        super().__init__(**_conv_args(base), device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        device = base.weight.device
+        down_args = {**_conv_args(base), "out_channels": rank, "bias": False}
+        self._init_lora(rank, alpha, nn.Conv2d(**down_args, device=device),
+                        nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_lora_branch(self._conv_forward(x, self.weight, self.bias), x)
+
+    def delta_weight(self) -> torch.Tensor:
+        up = self.lora_up.weight[:, :, 0, 0]  # [out, r, 1, 1] -> [out, r]
+        return self.scale * torch.einsum("or,rikl->oikl", up, self.lora_down.weight)  # -> [out, in, kh, kw]
+
+    def plain(self) -> nn.Conv2d:
+        layer = nn.Conv2d(**_conv_args(self), device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Injecting, merging, removing
+# ----------------------------------------------------------------------------------------------------------
+
+def inject_lora(model: nn.Module, rank: int = 32, patterns: Iterable[str] = DEFAULT_PATTERNS,
+                alpha: float | None = None) -> list[str]:
+    """Wrap every Linear/Conv2d whose name matches one of ``patterns`` (re.search) in a LoRA layer.
+
+    Freezes every parameter of ``model`` (requires_grad False); only the new LoRA weights train.
+    ``alpha`` defaults to ``rank`` (scale 1). Returns the names of the wrapped modules, in model order.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers. To start a fresh LoRA on top of them, call "
+                         "merge_and_unload(model) first (FACTS.md §1, Stage 2).")
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    compiled = [re.compile(p) for p in patterns]
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Conv2d)) and any(p.search(name) for p in compiled)]
+    if not targets:
+        raise ValueError(f"no Linear or Conv2d module of {type(model).__name__} matches the LoRA patterns "
+                         f"{patterns}. Check the module names with model.named_modules().")
+    model.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        wrapper = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
+        _replace(model, name, wrapper(base, rank, rank if alpha is None else alpha))
+    return targets
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """The LoRA layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA weights (what the optimiser gets)."""
+    return [p for layer in lora_layers(model).values()
+            for p in (layer.lora_down.weight, layer.lora_up.weight)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA branch into its base weight (in the base dtype); forward then skips the branches."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora: subtract the branches again and run them separately."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then put plain Linear/Conv2d layers back: the model is a LoRA-free UNet again.
+
+    This is the hand-over between the stages (SFT weights merged, then a fresh LoRA) and the way to export a
+    merged UNet whose state dict is the diffusers layout.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        _replace(model, name, layer.plain())
+    return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------------------
+# File layout: for each wrapped module NAME, "NAME.lora_down.weight", "NAME.lora_up.weight" and a scalar
+# "NAME.alpha" (the kohya convention for alpha), all fp32.
+
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``model`` (detached, fp32), keyed by the wrapped module's name."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach()
+        state[f"{name}.lora_up.weight"] = layer.lora_up.weight.detach()
+        state[f"{name}.alpha"] = torch.tensor(layer.alpha)
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy LoRA weights into ``model``; if it has no LoRA yet, inject it where ``state`` says, first.
+
+    Every missing, unexpected or wrong-shaped key is reported by name.
+    """
+    if not lora_layers(model):
+        _inject_like(model, state, source)
+    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong_shape:
+        raise WeightsError(_mismatch_report(type(model).__name__, f"LoRA ({source})", missing, unexpected,
+                                            wrong_shape, state, expected))
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            if layer.merged:
+                raise ValueError(f"{name} is merged; call unmerge_lora(model) before loading LoRA weights.")
+            layer.lora_down.weight.copy_(state[f"{name}.lora_down.weight"])
+            layer.lora_up.weight.copy_(state[f"{name}.lora_up.weight"])
+            layer.alpha = float(state[f"{name}.alpha"])
+
+
+def _inject_like(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Inject LoRA at exactly the modules named in ``state``, with its rank and alpha."""
+    names = sorted({k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight")})
+    if not names:
+        raise WeightsError(f"{source} holds no LoRA weights (no keys ending in '.lora_down.weight').")
+    first = names[0]
+    rank = state[f"{first}.lora_down.weight"].shape[0]
+    alpha = float(state[f"{first}.alpha"]) if f"{first}.alpha" in state else rank
+    known = dict(model.named_modules())
+    absent = [n for n in names if n not in known]
+    if absent:
+        raise WeightsError(f"{source} has LoRA weights for modules that {type(model).__name__} does not have: "
+                           f"{', '.join(absent[:8])}. Is it a LoRA for a different model?")
+    inject_lora(model, rank, [f"^{re.escape(n)}$" for n in names], alpha)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the LoRA weights as safetensors (atomically)."""
+    state = lora_state_dict(model)
+    if not state:
+        raise ValueError("this model has no LoRA layers to save; call inject_lora(model) first.")
+    save_state_dict(state, path)
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Read a LoRA file written by save_lora into ``model`` (injecting it first if needed).
+
+    Returns the names of the LoRA-wrapped modules.
+    """
+    load_lora_state_dict(model, read_state_dict(path), source=str(path))
+    return list(lora_layers(model))

@@ -1,0 +1,111 @@
+"""The segment-concatenation Triton kernel against its PyTorch twin (TRITON_INTERPRET=1 on CPU)."""
+import pytest
+import torch
+
+from model import kernels
+from model.kernels import concat_segments, concat_segments_torch, concat_segments_triton
+
+BLOCK = 77
+
+
+def random_layout(runs_per_prompt, dim, dtype=torch.float32, seed=0):
+    """hidden [S, 77, dim] and the kept runs: ``runs_per_prompt`` lists (start, length) per segment, per prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    runs = [run for prompt in runs_per_prompt for run in prompt]
+    hidden = torch.randn(len(runs), BLOCK, dim, generator=generator).to(dtype)
+    kept_start = torch.tensor([start for start, _ in runs], dtype=torch.long)
+    kept_len = torch.tensor([length for _, length in runs], dtype=torch.long)
+    counts = torch.tensor([len(prompt) for prompt in runs_per_prompt], dtype=torch.long)
+    pad = torch.randn(dim, generator=generator)
+    return hidden, kept_start, kept_len, counts, pad
+
+
+LAYOUTS = {
+    "several prompts, different segment counts": ([[(0, 12), (0, 30), (0, 5)], [(0, 76)], [(0, 8)] * 6], 240),
+    "one segment": ([[(0, 20)]], 240),
+    "overflow beyond max_tokens": ([[(0, 76)] * 5, [(0, 3)]], 240),
+    "max_tokens inside the first segment": ([[(0, 50), (0, 50)]], 7),
+    "empty prompt (sot only)": ([[(0, 1)], [(0, 40), (0, 2)]], 240),
+    "no-sot and keep-all runs": ([[(1, 10), (1, 0), (1, 33)], [(0, 77), (0, 77), (0, 77), (0, 77)]], 240),
+    "prompt with no segments": ([[], [(0, 9)]], 30),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_equals_twin(name, dtype):
+    runs_per_prompt, max_tokens = LAYOUTS[name]
+    hidden, kept_start, kept_len, counts, pad = random_layout(runs_per_prompt, dim=40, dtype=dtype)
+    expected = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, max_tokens)
+    got = concat_segments_triton(hidden, kept_start, kept_len, counts, pad, max_tokens)
+    assert got.shape == (len(runs_per_prompt), max_tokens, 40) and got.dtype == dtype
+    assert torch.equal(got, expected)  # a pure copy: bit-exact in every dtype
+
+
+def test_wide_features_span_several_column_tiles():
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 30), (0, 20)], [(0, 3)]], dim=600)
+    expected = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 64)
+    assert torch.equal(concat_segments_triton(hidden, kept_start, kept_len, counts, pad, 64), expected)
+
+
+def test_twin_follows_the_rule_by_hand():
+    """The twin against the rule spelled out with Python lists: runs in order, cut, then pad rows."""
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 3), (1, 2)], [(0, 4)]], dim=5)
+    out = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 6)
+    rows_0 = [hidden[0, 0], hidden[0, 1], hidden[0, 2], hidden[1, 1], hidden[1, 2], pad]
+    rows_1 = [hidden[2, 0], hidden[2, 1], hidden[2, 2], hidden[2, 3], pad, pad]
+    assert torch.equal(out, torch.stack([torch.stack(rows_0), torch.stack(rows_1)]))
+
+
+def test_dispatcher_modes(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    assert kernels.use_triton(cpu) is False  # auto: the twin for CPU tensors
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    assert kernels.use_triton(cpu) is True
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert kernels.use_triton(cpu) is False
+    monkeypatch.setenv(kernels.KERNELS_ENV, "cuda-please")
+    with pytest.raises(ValueError, match="LONGALIGN_KERNELS"):
+        kernels.use_triton(cpu)
+
+
+def test_dispatcher_runs_the_kernel_when_forced(monkeypatch):
+    calls = []
+    real_kernel = kernels.concat_segments_triton
+    monkeypatch.setattr(kernels, "concat_segments_triton", lambda *args: calls.append(1) or real_kernel(*args))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 4)]], dim=8)
+    out = concat_segments(hidden, kept_start, kept_len, counts, pad, 10)
+    assert calls == [1]
+    assert torch.equal(out, concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 10))
+
+
+def test_gradients_use_the_twin(monkeypatch):
+    """The kernel has no backward, so a graph-carrying input takes the twin even when Triton is forced."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 3), (0, 2)]], dim=4)
+    hidden.requires_grad_(True)
+    concat_segments(hidden, kept_start, kept_len, counts, pad, 4).sum().backward()
+    expected = torch.zeros_like(hidden)
+    expected[0, :3] = 1
+    expected[1, :1] = 1  # only 4 rows fit: 3 from segment 0, 1 from segment 1
+    assert torch.equal(hidden.grad, expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(hidden=a["hidden"][0]), "hidden must be"),
+    (lambda a: a.update(kept_len=a["kept_len"][:1]), "kept_start and kept_len"),
+    (lambda a: a.update(segments_per_prompt=torch.tensor([1])), "summing to the 2 segments"),
+    (lambda a: a.update(kept_len=torch.tensor([3, 70])), "inside its 77-token block"),
+    (lambda a: a.update(pad=torch.zeros(3)), "pad must have shape"),
+    (lambda a: a.update(max_tokens=0), "max_tokens must be at least 1"),
+])
+@pytest.mark.parametrize("fn", [concat_segments_torch, concat_segments_triton])
+def test_bad_layouts_get_clear_errors(fn, change, message):
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 3), (10, 2)]], dim=4)
+    args = dict(hidden=hidden, kept_start=kept_start, kept_len=kept_len, segments_per_prompt=counts, pad=pad,
+                max_tokens=8)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        fn(**args)
