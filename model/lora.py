@@ -76,7 +76,8 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← W − ΔW: exact up to rounding in the base dtype (bit-exact round trips need fp32 weights)."""
+        """W ← W − ΔW. Exact up to rounding: about 1e-7 relative for fp32 weights, but in fp16/bf16 the
+        rounding done when merging is not undone."""
         if self.merged:
             self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False

@@ -57,12 +57,12 @@ def test_renders_are_pure_colours_inside_their_cells_at_the_right_size():
                 assert not region.any()
                 continue
             assert np.all(pixels[y0:y1, x0:x1][region] == COLORS[obj.color])
+            alone = np.any(np.asarray(render(Scene((obj,), ()))) != 255, axis=-1)
+            assert alone.sum() == region.sum()  # drawn alone, none of its ink falls outside its cell
             rows, cols = np.nonzero(region)
             width = cols.max() - cols.min() + 1
             expected = {"small": 0.50, "large": 0.85}[obj.size] * 21
             assert abs(width - expected) <= 1.5, (obj, width)
-    # the whole canvas outside the objects' cells stays white, so objects never leave their cell
-    # (checked above cell by cell: every ink pixel of a cell has the colour of that cell's object)
 
 
 def test_renderer_and_checker_agree(tokenizer):
