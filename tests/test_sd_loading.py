@@ -1,0 +1,280 @@
+"""Loading SD-1.5 UNet and VAE weights from every public layout (model/weights.py, FACTS.md §2).
+
+Random tiny diffusers models are the reference: saved with ``save_pretrained``, and also converted HERE to the
+original single-file (ldm) layout by the inverse of the rules in FACTS.md §2, so the loader's rules are
+checked against an independent writing of them. Outputs must match diffusers to 1e-4 relative error (fp32).
+"""
+import json
+import re
+
+import diffusers
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.weights import (WeightsError, detect_single_file, load_unet, load_vae, save_unet_diffusers,
+                           save_vae_diffusers)
+from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG, relative_error
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A tiny random diffusers UNet and VAE, saved as a diffusers pipeline folder (unet/ and vae/ only)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+    vae = diffusers.AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    return unet, vae
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(reference, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    reference[0].save_pretrained(root / "unet")
+    reference[1].save_pretrained(root / "vae")
+    return root
+
+
+def unet_inputs(context_length):
+    generator = torch.Generator().manual_seed(context_length)
+    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([1, 981]),
+            torch.randn(2, context_length, 32, generator=generator))
+
+
+def assert_unet_matches(unet, reference):
+    for context_length in (77, 240):  # plain SD and LongAlign's segment encoding
+        latents, timesteps, context = unet_inputs(context_length)
+        with torch.no_grad():
+            expected = reference(latents, timesteps, context).sample
+            assert relative_error(unet(latents, timesteps, context), expected) <= TOLERANCE
+
+
+def assert_vae_matches(vae, reference):
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode(image)
+        posterior = reference.encode(image).latent_dist
+        assert relative_error(mean, posterior.mean) <= TOLERANCE
+        assert relative_error(logvar, posterior.logvar) <= TOLERANCE
+        assert relative_error(vae.decode(mean), reference.decode(mean).sample) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diffusers -> original (ldm) layout: the inverse of FACTS.md §2's rules, written independently of the loader
+# ----------------------------------------------------------------------------------------------------------
+
+RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_to_ldm(state, layers_per_block):
+    stride = layers_per_block + 1
+    has_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    out = {}
+    for key, tensor in state.items():
+        key = (key.replace("time_embedding.linear_1.", "time_embed.0.").replace("time_embedding.linear_2.", "time_embed.2.")
+               .replace("mid_block.resnets.0.", "middle_block.0.").replace("mid_block.attentions.0.", "middle_block.1.")
+               .replace("mid_block.resnets.1.", "middle_block.2."))
+        key = re.sub(r"^conv_in\.", "input_blocks.0.0.", key)
+        key = re.sub(r"^conv_norm_out\.", "out.0.", key)
+        key = re.sub(r"^conv_out\.", "out.2.", key)
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            key = f"input_blocks.{1 + int(m[1]) * stride + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            key = f"input_blocks.{1 + int(m[1]) * stride + layers_per_block}.0.op.{m[2]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            key = f"output_blocks.{int(m[1]) * stride + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            slot = 2 if int(m[1]) in has_attention else 1
+            key = f"output_blocks.{int(m[1]) * stride + layers_per_block}.{slot}.{m[2]}"
+        if m := re.match(r"((?:input|output)_blocks\.\d+\.0\.|middle_block\.[02]\.)(\w+)\.(.*)", key):
+            key = f"{m[1]}{RESNET_TO_LDM.get(m[2], m[2])}.{m[3]}"
+        out[key] = tensor
+    return out
+
+
+def vae_to_ldm(state, levels):
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, tensor in state.items():
+        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
+        key = key.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
+        key = key.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
+        if m := re.match(r"(\w+)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key):
+            key = f"{m[1]}.mid.attn_1.{attention[m[2]]}.{m[3]}"
+            if tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]  # ldm stores these as 1×1 convs
+        out[key] = tensor
+    return out
+
+
+def legacy_vae_attention_names(state):
+    """diffusers' pre-0.14 names for the VAE mid attention, as the SD-1.5 vae/ file has them."""
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    return {re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{old[m[1]]}.", k): v
+            for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def single_file_state(reference):
+    unet, vae = reference
+    state = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), 1).items()}
+    state.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 2).items()})
+    state.update({"alphas_cumprod": torch.ones(1000), "model_ema.decay": torch.tensor(0.9999)})  # ignored
+    return state
+
+
+def test_inverse_rules_produce_the_original_layout(single_file_state):
+    keys = set(single_file_state)
+    for expected in ["model.diffusion_model.time_embed.0.weight", "model.diffusion_model.input_blocks.0.0.weight",
+                     "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+                     "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                     "model.diffusion_model.input_blocks.2.0.op.weight",
+                     "model.diffusion_model.middle_block.1.proj_in.weight",
+                     "model.diffusion_model.output_blocks.1.1.conv.weight", "model.diffusion_model.out.2.bias",
+                     "first_stage_model.encoder.down.0.downsample.conv.weight",
+                     "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+                     "first_stage_model.decoder.up.1.upsample.conv.weight",
+                     "first_stage_model.encoder.mid.attn_1.q.weight", "first_stage_model.decoder.norm_out.bias"]:
+        assert expected in keys
+    assert single_file_state["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity after loading
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["root", "subfolder", "file"])
+def test_diffusers_layout(reference, pipeline_folder, where):
+    paths = {"root": (pipeline_folder, pipeline_folder),
+             "subfolder": (pipeline_folder / "unet", pipeline_folder / "vae"),
+             "file": (pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors",
+                      pipeline_folder / "vae" / "diffusion_pytorch_model.safetensors")}
+    unet_path, vae_path = paths[where]
+    assert not detect_single_file(unet_path)
+    assert_unet_matches(load_unet(unet_path), reference[0])
+    assert_vae_matches(load_vae(vae_path), reference[1])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_original_single_file(reference, single_file_state, tmp_path, suffix):
+    path = tmp_path / f"tiny-sd{suffix}"
+    if suffix == ".safetensors":
+        save_file(single_file_state, str(path))
+    else:
+        torch.save({"state_dict": single_file_state, "global_step": 1}, path)
+    assert detect_single_file(path)
+    assert_unet_matches(load_unet(path), reference[0])
+    assert_vae_matches(load_vae(path), reference[1])
+
+
+def test_standalone_ldm_vae_file(reference, single_file_state, tmp_path):
+    """Like vae-ft-mse-840000-ema-pruned.safetensors: ldm names, no prefix."""
+    path = tmp_path / "vae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v for k, v in single_file_state.items()
+               if k.startswith("first_stage_model.")}, str(path))
+    assert_vae_matches(load_vae(path), reference[1])
+
+
+def test_legacy_vae_attention_names(reference, tmp_path):
+    folder = tmp_path / "vae"
+    reference[1].save_pretrained(folder)
+    state = legacy_vae_attention_names(reference[1].state_dict())
+    assert "encoder.mid_block.attentions.0.query.weight" in state
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    assert_vae_matches(load_vae(folder), reference[1])
+
+
+def test_dtype_and_device_arguments(pipeline_folder):
+    unet = load_unet(pipeline_folder, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert not unet.training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the diffusers layout back out
+# ----------------------------------------------------------------------------------------------------------
+
+def test_saved_folders_load_in_diffusers(reference, pipeline_folder, tmp_path):
+    save_unet_diffusers(load_unet(pipeline_folder), tmp_path / "unet")
+    save_vae_diffusers(load_vae(pipeline_folder), tmp_path / "vae")
+    assert_unet_matches(diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval(), reference[0])
+    assert_vae_matches(load_vae(tmp_path), reference[1])
+    reloaded_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    image = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_vae.encode(image).latent_dist.mean,
+                                   reference[1].encode(image).latent_dist.mean)
+
+
+def test_save_refuses_unmerged_extra_keys(pipeline_folder, tmp_path):
+    unet = load_unet(pipeline_folder)
+    unet.conv_in.register_parameter("lora_down", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(WeightsError, match="merge LoRA"):
+        save_unet_diffusers(unet, tmp_path / "unet")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: every error names the problem
+# ----------------------------------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_unet(tmp_path / "nowhere.safetensors")
+    with pytest.raises(WeightsError, match="no UNET weights in"):
+        load_unet(tmp_path)  # an empty folder
+
+
+def test_wrong_model_in_folder(pipeline_folder, tmp_path):
+    with pytest.raises(WeightsError, match="AutoencoderKL.*not the UNet2DConditionModel"):
+        load_unet(pipeline_folder / "vae")  # its config.json says what it is
+    vae_file = pipeline_folder / "vae" / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(vae_file.read_bytes())
+    with pytest.raises(WeightsError, match="holds a VAE, not a UNet"):
+        load_unet(tmp_path)  # no config.json: judged by its keys
+    with pytest.raises(WeightsError, match="holds a UNet, not a VAE"):
+        load_vae(pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_single_file_without_the_model(single_file_state, tmp_path):
+    path = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in single_file_state.items() if k.startswith("model.diffusion_model.")}, str(path))
+    with pytest.raises(WeightsError, match="without VAE weights"):
+        load_vae(path)
+
+
+def test_corrupt_file(pipeline_folder, tmp_path):
+    data = (pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_unet(path)
+    with pytest.raises(WeightsError, match="corrupt"):
+        detect_single_file(path)
+
+
+def test_missing_and_misshapen_tensors_are_named(pipeline_folder, tmp_path):
+    state = diffusers.UNet2DConditionModel.from_pretrained(pipeline_folder / "unet").state_dict()
+    del state["conv_out.bias"]
+    state["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
+    (tmp_path / "config.json").write_text((pipeline_folder / "unet" / "config.json").read_text())
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(WeightsError, match=r"(?s)missing 1 keys: conv_out.bias.*conv_in.weight \(32, 4, 1, 1\)"):
+        load_unet(tmp_path)
+
+
+def test_unsupported_config_option(pipeline_folder, tmp_path):
+    config = json.loads((pipeline_folder / "unet" / "config.json").read_text())
+    config["use_linear_projection"] = True  # SD-2 style
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(
+        (pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match="use_linear_projection=True"):
+        load_unet(tmp_path)
