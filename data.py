@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from model.longtext import split_sentences
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -319,11 +321,6 @@ def fact_sentences(scene: Scene, rng: random.Random) -> list[tuple[int, str]]:
 def caption(scene: Scene, rng: random.Random) -> str:
     """The scene's long caption: one sentence per fact, shuffled, joined by spaces."""
     return " ".join(sentence for _, sentence in fact_sentences(scene, rng))
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of a shapes-world caption (every sentence ends with a full stop)."""
-    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
 
 
 @lru_cache(maxsize=1)

@@ -263,5 +263,6 @@ class LongPromptEncoder:
         dropped = [f"prompt {i}: {plan.tokens_dropped} of {plan.tokens_used + plan.tokens_dropped}"
                    for i, plan in enumerate(plans) if plan.tokens_dropped]
         if dropped:
-            warnings.warn(f"{self.strategy} encoding with max_tokens={self.max_tokens} dropped tokens that did "
-                          f"not fit ({'; '.join(dropped)}); raise max_tokens to keep them.", stacklevel=3)
+            fix = "use a longer strategy" if self.strategy == "truncate" else "raise max_tokens"
+            warnings.warn(f"{self.strategy} encoding into {self.context_length} context rows dropped the prompt "
+                          f"tokens that did not fit ({'; '.join(dropped)}); {fix} to keep them.", stacklevel=3)

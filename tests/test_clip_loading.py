@@ -81,11 +81,9 @@ def hf_clip(request, hf_clips):
     return hf_clips[request.param]
 
 
-@pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
-def hf_text(request, tmp_path_factory):
-    """A transformers CLIPTextModel (SD-1.5's text encoder class) with random weights, saved."""
-    model = randomize(HFCLIPTextModel(HFCLIPTextConfig(**TINY_TEXT, hidden_act=request.param)), seed=3)
-    folder = tmp_path_factory.mktemp(f"hf_text_{request.param}")
+def build_hf_text(act, folder):
+    """A transformers CLIPTextModel (SD-1.5's text encoder class) with random weights, saved, and its output."""
+    model = randomize(HFCLIPTextModel(HFCLIPTextConfig(**TINY_TEXT, hidden_act=act)), seed=3)
     model.save_pretrained(folder)
     ids = token_ids(seed=4)
     with torch.no_grad():
@@ -93,7 +91,17 @@ def hf_text(request, tmp_path_factory):
     # The public SD-1.5 file stores the tower under "text_model." (transformers 5 saves it without).
     public_state = {("text_model." + k if not k.startswith("text_model.") else k): v
                     for k, v in model.state_dict().items()}
-    return dict(act=request.param, folder=folder, state=public_state, ids=ids, hidden=hidden)
+    return dict(act=act, folder=folder, state=public_state, ids=ids, hidden=hidden)
+
+
+@pytest.fixture(scope="module")
+def hf_texts(tmp_path_factory):
+    return {act: build_hf_text(act, tmp_path_factory.mktemp(f"hf_text_{act}")) for act in ("quick_gelu", "gelu")}
+
+
+@pytest.fixture(params=["quick_gelu", "gelu"])
+def hf_text(request, hf_texts):
+    return hf_texts[request.param]
 
 
 def check_clip(model, oracle):
@@ -136,11 +144,13 @@ def test_text_encoder_in_the_public_layout_with_position_ids(hf_text, tmp_path):
     # As the public SD-1.5 file: "text_model." keys, plus the position_ids buffer older files carry.
     state = dict(hf_text["state"], **{"text_model.embeddings.position_ids": torch.arange(77)[None]})
     save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((hf_text["folder"] / "config.json").read_bytes())
     check_text_encoder(load_text_encoder(tmp_path / "model.safetensors"), hf_text)
 
 
 def test_text_encoder_from_pytorch_model_bin(hf_text, tmp_path):
     torch.save(hf_text["state"], tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_bytes((hf_text["folder"] / "config.json").read_bytes())
     check_text_encoder(load_text_encoder(tmp_path), hf_text)
 
 
@@ -166,8 +176,12 @@ def single_file_state(text_state, with_text_model):
     return state
 
 
+# A single file has no config.json: the config comes from the shapes, and the "tiny" shapes mean GELU.
+# (That full-size ViT-L/14 shapes mean quick_gelu is checked below, on the meta device.)
+
 @pytest.mark.parametrize("with_text_model", [True, False])
-def test_single_file_safetensors(hf_text, tmp_path, with_text_model):
+def test_single_file_safetensors(hf_texts, tmp_path, with_text_model):
+    hf_text = hf_texts["gelu"]
     path = tmp_path / "v1-5-pruned-emaonly.safetensors"
     save_file(single_file_state(hf_text["state"], with_text_model), path)
     model = load_text_encoder(path)
@@ -175,7 +189,8 @@ def test_single_file_safetensors(hf_text, tmp_path, with_text_model):
     check_text_encoder(model, hf_text)
 
 
-def test_single_file_ckpt_pickle(hf_text, tmp_path):
+def test_single_file_ckpt_pickle(hf_texts, tmp_path):
+    hf_text = hf_texts["gelu"]
     path = tmp_path / "v1-5-pruned-emaonly.ckpt"
     torch.save({"state_dict": single_file_state(hf_text["state"], with_text_model=True), "global_step": 840000},
                path)
@@ -268,8 +283,8 @@ def test_folder_without_weights(tmp_path):
         load_text_encoder(tmp_path)
 
 
-def test_truncated_and_corrupt_safetensors(hf_text, tmp_path):
-    data = (hf_text["folder"] / "model.safetensors").read_bytes()
+def test_truncated_and_corrupt_safetensors(hf_texts, tmp_path):
+    data = (hf_texts["gelu"]["folder"] / "model.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage" * 100)
     for name in ("truncated.safetensors", "corrupt.safetensors"):
@@ -277,9 +292,11 @@ def test_truncated_and_corrupt_safetensors(hf_text, tmp_path):
             load_text_encoder(tmp_path / name)
 
 
-def test_state_dict_of_the_wrong_model(hf_clips, hf_text, tmp_path):
+def test_state_dict_of_the_wrong_model(hf_clips, hf_texts, tmp_path):
+    hf_text = hf_texts["gelu"]
+    save_file(hf_text["state"], tmp_path / "text_encoder.safetensors")
     with pytest.raises(WeightsError, match="no 'vision_model.embeddings.patch_embedding.weight'"):
-        load_clip(hf_text["folder"])  # a text encoder is not a CLIPModel
+        load_clip(tmp_path / "text_encoder.safetensors")  # a text encoder is not a CLIPModel
     with pytest.raises(WeightsError, match=r"unexpected \d+ keys: logit_scale"):
         load_text_encoder(hf_clips["gelu"]["folder"])  # a whole CLIPModel is not a text encoder
     unet = {"conv_in.weight": torch.zeros(320, 4, 3, 3), "time_embedding.linear_1.weight": torch.zeros(1280, 320)}
@@ -293,8 +310,8 @@ def test_state_dict_of_the_wrong_model(hf_clips, hf_text, tmp_path):
         load_text_encoder(tmp_path / "model.safetensors")
 
 
-def test_pickle_that_needs_full_unpickling(hf_text, tmp_path):
+def test_pickle_that_needs_full_unpickling(hf_texts, tmp_path):
     path = tmp_path / "HPS_v2_compressed.pt"
-    torch.save({"state_dict": hf_text["state"], "args": argparse.Namespace(lr=1e-5)}, path)
+    torch.save({"state_dict": hf_texts["gelu"]["state"], "args": argparse.Namespace(lr=1e-5)}, path)
     with pytest.raises(WeightsError, match="unsafe"):
         load_clip(path)

@@ -270,7 +270,7 @@ def test_no_sot_and_keep_all_rows(tokenizer, text_encoder):
         no_sot = LongPromptEncoder(tokenizer, text_encoder, strategy="no-sot")
         assert torch.equal(no_sot([LONG_PROMPT])[0, :n], block[1:1 + n])
         assert torch.equal(no_sot([""])[0], no_sot.pad_star().expand(240, -1))
-        with pytest.warns(UserWarning, match="keep-all encoding"):
+        with pytest.warns(UserWarning, match="keep-all encoding into 240 context rows"):
             keep_all = LongPromptEncoder(tokenizer, text_encoder, strategy="keep-all")([LONG_PROMPT])
         assert torch.equal(keep_all[0, :77], block)
 
