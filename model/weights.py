@@ -253,7 +253,7 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
         key = _rename_open_clip_key(key)
         if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
             block, kind = key.rsplit(".attn.in_proj_", 1)  # kind is "weight" or "bias"
-            for name, part in zip("qkv", tensor.chunk(3)):  # [3W, ...] -> three [W, ...], in q, k, v order
+            for name, part in zip("kqv", tensor.chunk(3)):  # [3W, ...] -> three [W, ...], in q, k, v order
                 converted[f"{block}.self_attn.{name}_proj.{kind}"] = part
         else:
             converted[key] = tensor

@@ -204,13 +204,16 @@ def test_dtype_and_device_arguments(pipeline_folder):
 def test_saved_folders_load_in_diffusers(reference, pipeline_folder, tmp_path):
     save_unet_diffusers(load_unet(pipeline_folder), tmp_path / "unet")
     save_vae_diffusers(load_vae(pipeline_folder), tmp_path / "vae")
-    assert_unet_matches(diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval(), reference[0])
-    assert_vae_matches(load_vae(tmp_path), reference[1])
+    reloaded_unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
     reloaded_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    latents, timesteps, context = unet_inputs(240)
     image = torch.rand(1, 3, 16, 16)
-    with torch.no_grad():
+    with torch.no_grad():  # diffusers reads back exactly the model it saved
+        torch.testing.assert_close(reloaded_unet(latents, timesteps, context).sample,
+                                   reference[0](latents, timesteps, context).sample, rtol=0, atol=0)
         torch.testing.assert_close(reloaded_vae.encode(image).latent_dist.mean,
-                                   reference[1].encode(image).latent_dist.mean)
+                                   reference[1].encode(image).latent_dist.mean, rtol=0, atol=0)
+    assert_vae_matches(load_vae(tmp_path), reference[1])
 
 
 def test_save_refuses_unmerged_extra_keys(pipeline_folder, tmp_path):
@@ -239,8 +242,12 @@ def test_wrong_model_in_folder(pipeline_folder, tmp_path):
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(vae_file.read_bytes())
     with pytest.raises(WeightsError, match="holds a VAE, not a UNet"):
         load_unet(tmp_path)  # no config.json: judged by its keys
+    with pytest.raises(WeightsError, match="UNet2DConditionModel.*not the AutoencoderKL"):
+        load_vae(pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")  # config.json beside it
+    (tmp_path / "unet.safetensors").write_bytes((pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")
+                                                .read_bytes())
     with pytest.raises(WeightsError, match="holds a UNet, not a VAE"):
-        load_vae(pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")
+        load_vae(tmp_path / "unet.safetensors")
 
 
 def test_single_file_without_the_model(single_file_state, tmp_path):
