@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="the prompt text itself, instead of a prompt file")
     parser.add_argument("--scorer", type=Path, default=None,
                         help=f"scorer weights: a transformers CLIPModel folder or an open_clip file "
-                             f"(default: {DEFAULT_SCORER.relative_to(Path(__file__).resolve().parent)})")
+                             f"(default: {DEFAULT_SCORER})")
     parser.add_argument("--kind", choices=list(KINDS),
                         help="scorer kind, which sets the preprocessing; inferred when left out (open_clip "
                              "layout -> hpsv2, else a name in the path, else clip)")

@@ -253,7 +253,7 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
         key = _rename_open_clip_key(key)
         if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
             block, kind = key.rsplit(".attn.in_proj_", 1)  # kind is "weight" or "bias"
-            for name, part in zip("kqv", tensor.chunk(3)):  # [3W, ...] -> three [W, ...], in q, k, v order
+            for name, part in zip("qkv", tensor.chunk(3)):  # [3W, ...] -> three [W, ...], in q, k, v order
                 converted[f"{block}.self_attn.{name}_proj.{kind}"] = part
         else:
             converted[key] = tensor
@@ -360,6 +360,7 @@ def _empty(model_class, cfg, device) -> torch.nn.Module:
 # original (ldm) names are turned into diffusers names by the short rule sets below; the config comes from
 # config.json when there is one, else from the tensor shapes.
 import re  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 from safetensors import safe_open  # noqa: E402
 
@@ -725,3 +726,33 @@ def _save_diffusers(model: torch.nn.Module, folder: str | os.PathLike, config: d
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     except OSError as err:
         raise WeightsError(f"cannot write to {folder} ({err}). Pick a folder you can write to.") from None
+
+
+class Pipeline(NamedTuple):
+    tokenizer: object  # model.tokenizer.CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+
+
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None) -> Pipeline:
+    """Everything SD-1.5 sampling needs, from a diffusers pipeline folder or an original single-file checkpoint.
+
+    A folder must hold ``tokenizer/``, ``text_encoder/``, ``unet/`` and ``vae/``. A single file carries no
+    tokenizer; SD-1.5's is CLIP's own vocabulary, which this project bundles.
+    """
+    from model.tokenizer import CLIPTokenizer  # here, not at the top: model.tokenizer imports this module
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"SD-1.5 weights not found: {path}. Pass a diffusers SD-1.5 folder (with unet/, vae/, "
+                           "text_encoder/, tokenizer/) or an original single-file checkpoint (.safetensors/.ckpt).")
+    tokenizer = CLIPTokenizer() if detect_single_file(path) else CLIPTokenizer.from_pretrained(path / "tokenizer")
+    pipeline = Pipeline(tokenizer, load_text_encoder(path, dtype, device), load_unet(path, dtype, device),
+                        load_vae(path, dtype, device))
+    if pipeline.text_encoder.hidden_size != pipeline.unet.config.cross_attention_dim:
+        raise WeightsError(f"{path} mixes models that do not fit together: the text encoder gives "
+                           f"{pipeline.text_encoder.hidden_size}-wide states but the UNet reads "
+                           f"{pipeline.unet.config.cross_attention_dim}-wide context.")
+    return pipeline

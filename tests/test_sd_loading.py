@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.weights import (WeightsError, detect_single_file, load_unet, load_vae, save_unet_diffusers,
-                           save_vae_diffusers)
+from model.weights import (WeightsError, detect_single_file, load_pipeline, load_unet, load_vae,
+                           save_unet_diffusers, save_vae_diffusers)
 from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG, relative_error
 
 TOLERANCE = 1e-4
@@ -195,6 +195,69 @@ def test_dtype_and_device_arguments(pipeline_folder):
     unet = load_unet(pipeline_folder, dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
     assert not unet.training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    """A tiny transformers CLIP text tower, 64 wide so its heads can be read off the shapes (64 per head)."""
+    import transformers
+    torch.manual_seed(1)
+    config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=1, hidden_act="gelu", vocab_size=49408)
+    return transformers.CLIPTextModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def wide_unet():
+    """A tiny UNet that reads the 64-wide context of ``text_encoder``."""
+    torch.manual_seed(2)
+    return diffusers.UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 64}).eval()
+
+
+def check_pipeline(pipeline, text_encoder, unet, vae):
+    ids = pipeline.tokenizer(["a red cube on a blue sphere."])
+    with torch.no_grad():
+        assert relative_error(pipeline.text_encoder(ids), text_encoder(ids).last_hidden_state) <= TOLERANCE
+        latents, timesteps, _ = unet_inputs(77)
+        context = torch.randn(2, 77, 64)
+        assert relative_error(pipeline.unet(latents, timesteps, context),
+                              unet(latents, timesteps, context).sample) <= TOLERANCE
+    assert_vae_matches(pipeline.vae, vae)
+
+
+def test_load_pipeline_from_folder_and_single_file(reference, text_encoder, wide_unet, tmp_path):
+    from model.tokenizer import CLIPTokenizer
+    vae = reference[1]
+    folder = tmp_path / "sd"
+    CLIPTokenizer().save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    wide_unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    check_pipeline(load_pipeline(folder), text_encoder, wide_unet, vae)
+
+    single = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(wide_unet.state_dict(), 1).items()}
+    single.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 2).items()})
+    single.update({"cond_stage_model.transformer." + k: v for k, v in text_encoder.state_dict().items()})
+    save_file(single, str(tmp_path / "sd.safetensors"))
+    pipeline = load_pipeline(tmp_path / "sd.safetensors")
+    assert isinstance(pipeline.tokenizer, CLIPTokenizer)
+    check_pipeline(pipeline, text_encoder, wide_unet, vae)
+
+
+def test_load_pipeline_refuses_mismatched_parts(reference, text_encoder, tmp_path):
+    from model.tokenizer import CLIPTokenizer
+    CLIPTokenizer().save_pretrained(tmp_path / "tokenizer")
+    text_encoder.save_pretrained(tmp_path / "text_encoder")  # 64 wide
+    reference[0].save_pretrained(tmp_path / "unet")  # reads 32-wide context
+    reference[1].save_pretrained(tmp_path / "vae")
+    with pytest.raises(WeightsError, match="do not fit together"):
+        load_pipeline(tmp_path)
+    with pytest.raises(WeightsError, match="not found"):
+        load_pipeline(tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------------------------------------
