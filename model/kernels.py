@@ -258,9 +258,9 @@ def score_projection_torch(image_embeddings: torch.Tensor, segment_embeddings: t
 
 
 def _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega) -> None:
-    batch, width = image_embeddings.shape if image_embeddings.dim() == 2 else (None, None)
-    if batch is None:
+    if image_embeddings.dim() != 2:
         raise ValueError(f"image embeddings must be [B, P]; got shape {tuple(image_embeddings.shape)}.")
+    batch, width = image_embeddings.shape
     if segment_embeddings.dim() != 3 or segment_embeddings.shape[0] != batch or segment_embeddings.shape[2] != width:
         raise ValueError(f"segment embeddings must be [B, S, P] = [{batch}, S, {width}]; "
                          f"got {tuple(segment_embeddings.shape)}.")
@@ -283,8 +283,10 @@ def score_projection(image_embeddings: torch.Tensor, segment_embeddings: torch.T
     Shapes: image embeddings [B, P] (raw projections, not normalized), segment embeddings [B, S, P]
     (raw), segment mask [B, S] (bool or 0/1), direction V [P] (normalized here). The gradient that
     reaches ``image_embeddings`` is that of ``score`` = relevant + ω·irrelevant; ω = 1 gives the original
-    score's gradient, ω = 0 the text-relevant part's. Runs the Triton kernel or the twin (see
-    :func:`use_triton`).
+    score's gradient, ω = 0 the text-relevant part's. "ω = 0 removes the pull along V" holds for the
+    gradient with respect to C_X, where the score is linear (∂score/∂C_X = T', and T'·V = ω·η); at the raw
+    x the normalization's Jacobian (I − C_X C_Xᵀ)/|x| mixes directions. Runs the Triton kernel or the
+    twin (see :func:`use_triton`).
     """
     _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
     if use_triton(image_embeddings, segment_embeddings, segment_mask, direction):
