@@ -23,8 +23,10 @@ kernels are only defined when the import succeeded.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -199,10 +201,6 @@ def concat_segments(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: to
 
 
 # ==== Score projection (LongAlign §4) ====
-
-from typing import NamedTuple  # noqa: E402  (this section's own imports)
-import torch.nn.functional as F  # noqa: E402
-
 
 class ScoreParts(NamedTuple):
     """Per-pair scores of LongAlign §4 (each [B], float32 or wider).

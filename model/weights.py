@@ -410,6 +410,10 @@ def detect_single_file(path: str | os.PathLike) -> bool:
                                "corrupt: download it again.") from None
     else:
         keys = list(read_state_dict(path))
+    return _is_single_file(keys)
+
+
+def _is_single_file(keys) -> bool:
     return any(k.startswith(tuple(SINGLE_FILE_PREFIXES.values())) for k in keys)
 
 
@@ -423,7 +427,7 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
     """
     state, hf_config, layout = _read_component(Path(path), "unet")
     if layout == "diffusers" and "input_blocks.0.0.weight" in state:  # a bare ldm UNet, without prefix
-        layout = "stand-alone original (ldm)"
+        layout, hf_config = "stand-alone original (ldm)", None
     if layout != "diffusers":
         state = unet_from_ldm(state)
     _expect_model(state, "time_embedding.linear_1.weight", "a UNet", path)
@@ -440,7 +444,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     (query/key/value/proj_attn) and 1×1-conv attention weights are accepted. ``config``: as in load_unet."""
     state, hf_config, layout = _read_component(Path(path), "vae")
     if layout == "diffusers" and any(k.startswith("encoder.down.") for k in state):
-        layout = "stand-alone original (ldm)"
+        layout, hf_config = "stand-alone original (ldm)", None
     if layout != "diffusers":
         state = vae_from_ldm(state)
     state = modern_vae_attention(state)
@@ -461,7 +465,7 @@ def _read_component(path: Path, component: str) -> tuple[dict[str, torch.Tensor]
         path = path / component
     state, hf_config = _read_weights(path, DIFFUSERS_MODEL_FILES, component.upper())
     prefix = SINGLE_FILE_PREFIXES[component]
-    if not any(k.startswith(tuple(SINGLE_FILE_PREFIXES.values())) for k in state):
+    if not _is_single_file(state):
         expected_class = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[component]
         if hf_config is not None and hf_config.get("_class_name", expected_class) != expected_class:
             raise WeightsError(f"{path} holds a {hf_config['_class_name']} (its config.json says so), not the "
@@ -675,7 +679,8 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
     levels = _count_layers(state, "down_blocks.")
     try:
         return UNetConfig(
-            block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)),
+            block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                     for i in range(levels)),
             cross_attention=tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in state for i in range(levels)),
             layers_per_block=_count_layers(state, "down_blocks.0.resnets."),
             transformer_layers=_count_layers(state, "mid_block.attentions.0.transformer_blocks."),
@@ -693,7 +698,8 @@ def infer_vae_config(state: dict[str, torch.Tensor]) -> VAEConfig:
             block_out_channels=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
                                      for i in range(levels)),
             layers_per_block=_count_layers(state, "encoder.down_blocks.0.resnets."),
-            in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
+            in_channels=state["encoder.conv_in.weight"].shape[1],
+            out_channels=state["decoder.conv_out.weight"].shape[0],
             latent_channels=state["post_quant_conv.weight"].shape[0])
     except (KeyError, ValueError) as err:
         raise WeightsError(f"cannot read a VAE config off these weights ({err}); they are incomplete or not a "

@@ -73,9 +73,10 @@ def unet_to_ldm(state, layers_per_block):
     has_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}
     for key, tensor in state.items():
-        key = (key.replace("time_embedding.linear_1.", "time_embed.0.").replace("time_embedding.linear_2.", "time_embed.2.")
-               .replace("mid_block.resnets.0.", "middle_block.0.").replace("mid_block.attentions.0.", "middle_block.1.")
-               .replace("mid_block.resnets.1.", "middle_block.2."))
+        for ours, ldm in [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+                          ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+                          ("mid_block.resnets.1.", "middle_block.2.")]:
+            key = key.replace(ours, ldm)
         key = re.sub(r"^conv_in\.", "input_blocks.0.0.", key)
         key = re.sub(r"^conv_norm_out\.", "out.0.", key)
         key = re.sub(r"^conv_out\.", "out.2.", key)
