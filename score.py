@@ -4,6 +4,8 @@
     python score.py outputs/ "samples/*.png" --prompt "..."  # many images (folders, globs), ranked
     python score.py --fit-direction prompts.txt -o V.safetensors        # fit the common direction V
     python score.py --retrieval manifest.jsonl --max-sentences 1,2,3,4,6,8   # the paper's Tables 1 and 4
+    python score.py --eval-shapes --row "segment SFT=runs/mini/sft-segment/pipeline" \
+        --row "truncate SFT=runs/mini/sft-truncate/pipeline:truncate" -o eval.md   # the miniature's table
 
 Each image gets (×100, as papers report them):
     original     C_X·C_P       the segment-level score: the mean cosine of the image with each sentence
@@ -31,6 +33,7 @@ from model.weights import WeightsError
 
 DEFAULT_SCORER = Path(__file__).resolve().parent / "weights" / "mini" / "scorer"
 DIRECTION_FILE = "direction.safetensors"  # looked for beside the scorer when --direction is not given
+EVAL_FILE = "eval_shapes.md"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEXT_BATCH = 64  # prompts per text-encoder pass
 
@@ -63,11 +66,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit-direction", type=Path, metavar="PROMPTS",
                         help="fit V on these prompts (.txt: one per line; .jsonl: 'caption' or 'prompt' "
                              "fields) and save it to --output")
-    parser.add_argument("-o", "--output", type=Path, default=Path(DIRECTION_FILE),
-                        help=f"where --fit-direction writes V (default: ./{DIRECTION_FILE})")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help=f"where --fit-direction writes V (default: ./{DIRECTION_FILE}) or --eval-shapes "
+                             f"its markdown table (default: ./{EVAL_FILE})")
     parser.add_argument("--retrieval", type=Path, metavar="MANIFEST",
                         help="text->image R@1 on a .jsonl of {\"image\": path relative to the manifest, "
                              "\"caption\": text}")
+    g = parser.add_argument_group("the shapes-world evaluation (issue 7; model/README's miniature table)")
+    g.add_argument("--eval-shapes", action="store_true",
+                   help="generate held-out test scenes with every --row model and measure fact accuracy, "
+                        "Fréchet distance of scorer features, Table 1 retrieval and η; writes markdown to -o")
+    g.add_argument("--row", action="append", default=[], metavar="NAME=PATH[:ENCODING]",
+                   help="a model to evaluate: a pipeline folder, or a LoRA .safetensors on --lora-base; "
+                        "ENCODING is segment (default) or truncate. Repeat for every row")
+    g.add_argument("--lora-base", type=Path, help="the pipeline folder LoRA rows apply to")
+    g.add_argument("--scenes", type=int, default=500, help="held-out test scenes (default 500)")
+    g.add_argument("--sample-steps", type=int, default=10, help="DPM-Solver++ steps per image (default 10)")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise, shared by every row")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
@@ -259,6 +275,7 @@ def run_fit_direction(args, scorer: Scorer) -> None:
     if not all(p.strip() for p in prompts):
         raise CliError(f"{args.fit_direction} has an entry without text")
     direction = fit_direction(scorer, prompts, batch_size=TEXT_BATCH, progress=len(prompts) > TEXT_BATCH)
+    args.output = args.output or Path(DIRECTION_FILE)
     save_direction(args.output, direction, scorer, len(prompts))
     eta = embed_prompts(scorer, prompts[:TEXT_BATCH], False, [None])[None] @ direction
     print(f"saved V ({scorer.embed_dim} dims, {len(prompts)} prompts, scorer kind {scorer.kind.name}) to "
@@ -311,15 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise CliError("--batch-size must be at least 1")
-        if not (args.fit_direction or args.retrieval or args.inputs):
-            raise CliError("nothing to do: give images and a prompt, --fit-direction or --retrieval (see --help)")
+        if not (args.fit_direction or args.retrieval or args.eval_shapes or args.inputs):
+            raise CliError("nothing to do: give images and a prompt, --fit-direction, --retrieval or "
+                           "--eval-shapes (see --help)")
         location = scorer_path(args.scorer)
         scorer = Scorer.load(location, kind=args.kind, dtype=getattr(torch, args.dtype), device=args.device)
         if args.fit_direction:
             run_fit_direction(args, scorer)
             return 0
         direction = find_direction(args.direction, location, scorer)
-        if args.retrieval:
+        if args.eval_shapes:
+            run_eval_shapes(args, scorer, direction)
+        elif args.retrieval:
             run_retrieval(args, scorer, direction)
         else:
             run_scores(args, scorer, direction)

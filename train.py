@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -682,7 +683,7 @@ class Stage:
     dataset: torch.utils.data.Dataset
     loss: Callable  # (batch, generator) -> (loss, {name: scalar tensor to log})
     save: Callable  # (folder, final) -> None: the stage's outputs
-    export: Callable  # (folder) -> None: --export
+    export: Callable  # (folder) -> None: --export, after the final save
     preview: Callable | None = None  # (png path) -> None
 
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -820,6 +821,16 @@ def setup_reward(args, env: Env) -> Stage:
     return Stage(unet, dataset, loss, save, export, preview)
 
 
+def copy_outputs(run: Path, names: list[str]) -> Callable:
+    """--export for the miniature's clip and vae stages: copy their final model folders into a pipeline folder."""
+
+    def export(folder: Path) -> None:
+        for name in names:
+            shutil.copytree(run / name, folder / name, dirs_exist_ok=True)
+
+    return export
+
+
 def setup_clip(args, env: Env) -> Stage:
     """The miniature's CLIP: the scorer of the reward stage, and its text tower the UNet's text encoder."""
     dataset = image_dataset(args, caption_dropout=0.0)
@@ -840,7 +851,7 @@ def setup_clip(args, env: Env) -> Stage:
             save_direction(folder / "scorer" / "direction.safetensors",
                            fit_direction(scorer, prompts, progress=False), scorer, len(prompts))
 
-    return Stage(model, dataset, loss, save, lambda folder: save(folder, final=True))
+    return Stage(model, dataset, loss, save, copy_outputs(args.out, ["scorer", "text_encoder", "tokenizer"]))
 
 
 def setup_vae(args, env: Env) -> Stage:
@@ -881,7 +892,7 @@ def setup_vae(args, env: Env) -> Stage:
         vae.train()
         save_grid([images, recon], path)
 
-    return Stage(vae, dataset, loss, save, lambda folder: save(folder, final=True), preview)
+    return Stage(vae, dataset, loss, save, copy_outputs(args.out, ["vae"]), preview)
 
 
 SETUPS = {"sft": setup_sft, "reward": setup_reward, "clip": setup_clip, "vae": setup_vae}
@@ -1005,7 +1016,7 @@ def train_step(training: Training, batches, args, env: Env) -> dict[str, float]:
             raise Diverged(f"the loss is {loss.item()} at step {training.step + 1}")
         training.scaler.scale(loss / args.grad_accum).backward()
         for name, value in {"loss": loss, **extra}.items():
-            logged[name] = logged.get(name, 0.0) + float(value) / args.grad_accum
+            logged[name] = logged.get(name, 0.0) + float(value.detach()) / args.grad_accum
     average_gradients(params, env)
     training.scaler.unscale_(training.optimizer)
     logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))

@@ -110,6 +110,13 @@ CONFIGS = {
         text=TextConfig(width=128, layers=2, heads=2, mlp=256, act="gelu", vocab_size=49408, max_positions=77),
         vision=VisionConfig(width=128, layers=2, heads=2, mlp=256, act="gelu", patch_size=32, image_size=224),
         projection_dim=64),
+    # The shipped miniature (issue 7): scorer and frozen text encoder of the shapes world, sized for a CPU.
+    # The text is narrow because its 49408-row token table is stored twice (scorer/ and text_encoder/); the
+    # 7×7 patches of the 224-px input are enough to tell nine flat-coloured cells apart.
+    "mini": CLIPConfig(
+        text=TextConfig(width=64, layers=2, heads=2, mlp=256, act="gelu", vocab_size=49408, max_positions=77),
+        vision=VisionConfig(width=64, layers=2, heads=2, mlp=256, act="gelu", patch_size=32, image_size=224),
+        projection_dim=64),
 }
 
 

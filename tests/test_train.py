@@ -1,0 +1,376 @@
+"""train.py on tiny random models (CPU): every stage runs and learns, the reward stage's gradient has exactly
+the structure FACTS.md §1 describes, a stopped-and-resumed run equals an uninterrupted one, and bad input
+gets a one-line error with exit code 2."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from model.clip import CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig
+from model.diffusion import DDIMSampler, NoiseSchedule
+from model.lora import inject_lora, load_lora, lora_layers, lora_state_dict, merge_and_unload
+from model.preference import KINDS, Scorer, load_direction
+from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
+from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
+from model.weights import load_clip, load_text_encoder, load_unet, load_vae, save_unet_diffusers, save_vae_diffusers
+
+TEXT = TextConfig(width=32, layers=1, heads=2, mlp=64, act="quick_gelu", vocab_size=49408, max_positions=77)
+VISION = VisionConfig(width=32, layers=1, heads=2, mlp=64, act="gelu", patch_size=32, image_size=224)
+CAPTION = ("A red cube number {i} sits on a wooden table. It casts a long shadow to the left! The sky behind it "
+           "is pale blue; two birds fly over the hills. A small boat floats on the lake in the distance.")
+
+
+def build_tiny_world(root):
+    """A tiny SD-style pipeline folder, a tiny scorer, 8 captioned images and a prompt file under ``root``."""
+    torch.manual_seed(0)
+    train.save_text_encoder(CLIPTextModel(TEXT).text_model, root / "pipe" / "text_encoder")
+    save_unet_diffusers(UNet2DConditionModel(UNET_CONFIGS["tiny"]), root / "pipe" / "unet")  # context width 32
+    save_vae_diffusers(AutoencoderKL(VAE_CONFIGS["tiny"]), root / "pipe" / "vae")
+    train.save_clip_model(CLIPModel(CLIPConfig(TEXT, VISION, projection_dim=16)), root / "scorer")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        (root / "images" / f"{i}.txt").write_text(CAPTION.format(i=i))
+    (root / "prompts.txt").write_text("\n".join(CAPTION.format(i=i) for i in range(8)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def tiny_args(world, out, stage="sft", *extra):
+    """A fast command line: 16 px images (8×8 latents), batch 2, rank-4 LoRA, no workers, no previews."""
+    data = world / ("prompts.txt" if stage == "reward" else "images")
+    args = ["--stage", stage, "--weights", str(world / "pipe"), "--data", str(data), "--out", str(out),
+            "--resolution", "16", "--batch-size", "2", "--grad-accum", "1", "--lora-rank", "4", "--lr", "1e-3",
+            "--warmup", "1", "--workers", "0", "--sample-every", "0", "--val-steps", "2", "--num-val", "2"]
+    if stage == "reward":
+        args += ["--scorer", str(world / "scorer"), "--rollout-steps", "4", "--grad-stride", "2", "--cfg", "3"]
+    return args + list(extra)
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT
+# ----------------------------------------------------------------------------------------------------------
+
+def test_sft_lora_trains_and_is_loadable(world, tmp_path):
+    records = train.main(tiny_args(world, tmp_path, "sft", "--steps", "3", "--grad-accum", "2"))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(losses(records)))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses(lines) == losses(records)
+
+    lora = load_file(tmp_path / "lora.safetensors")
+    ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
+    assert ups and all(u.abs().sum() > 0 for u in ups)  # up starts at zero: a nonzero one was trained
+
+    # What sample.py --weights BASE --lora OUT/lora.safetensors does: base UNet + LoRA changes the output.
+    base = load_unet(world / "pipe")
+    tuned = load_unet(world / "pipe")
+    load_lora(tuned, tmp_path / "lora.safetensors")
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 240, 32)
+    with torch.no_grad():
+        assert not torch.allclose(base(x, 500, context), tuned(x, 500, context))
+
+
+def test_sft_full_writes_unet_previews_and_a_loadable_export(world, tmp_path):
+    out, export = tmp_path / "run", tmp_path / "pipeline"
+    train.main(tiny_args(world, out, "sft", "--steps", "2", "--full", "--sample-every", "1", "--export", str(export)))
+    assert (out / "samples" / "step_000001.png").is_file() and (out / "samples" / "step_000002.png").is_file()
+    base, trained, exported = load_unet(world / "pipe"), load_unet(out / "unet"), load_unet(export)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert len(changed) > 0.9 * len(base.state_dict())  # the whole UNet trained, not a LoRA
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in trained.state_dict().items())
+    load_vae(export), load_text_encoder(export)
+    assert (export / "tokenizer" / "vocab.json").is_file()
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_sft_loss_falls_on_a_fixed_batch(world):
+    torch.manual_seed(0)
+    tokenizer, text_encoder, vae = train.load_frozen_parts(train.parse_args(tiny_args(world, world / "x")),
+                                                           train.Env(0, 1, torch.device("cpu"), None))
+    unet = load_unet(world / "pipe")
+    inject_lora(unet, 4)
+    encoder = train.LongPromptEncoder(tokenizer, text_encoder)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    captions = [CAPTION.format(i=0), CAPTION.format(i=1)]
+    posterior_noise, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([100, 600])
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(15):
+        loss = train.sft_loss(unet, vae, encoder, NoiseSchedule(), images, captions, posterior_noise, noise,
+                              timesteps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.8 * history[0], history
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reward
+# ----------------------------------------------------------------------------------------------------------
+
+def test_reward_stage_trains_and_logs_the_score_parts(world, tmp_path):
+    sft = tmp_path / "sft"
+    train.main(tiny_args(world, sft, "sft", "--steps", "1"))
+    records = train.main(tiny_args(world, tmp_path / "reward", "reward", "--steps", "2", "--sft-lora",
+                                   str(sft / "lora.safetensors"), "--sample-every", "2"))
+    assert all(np.isfinite(losses(records)))
+    for r in records:
+        assert r["original"] == pytest.approx(r["relevant"] + r["irrelevant"], abs=1e-5)
+        assert r["loss"] == pytest.approx(0.5 * (1 - r["score"]), abs=1e-6)
+        assert r["score"] == pytest.approx(r["relevant"] + 0.3 * r["irrelevant"], abs=1e-5)
+    assert (tmp_path / "reward" / "samples" / "step_000002.png").is_file()
+
+    # lora.safetensors (SFT and reward stacked, rank 8) on the ORIGINAL base equals merging SFT, then reward.
+    reward_only = load_file(tmp_path / "reward" / "lora_reward.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in reward_only.items() if k.endswith("lora_up.weight"))
+    stacked = load_unet(world / "pipe")
+    load_lora(stacked, tmp_path / "reward" / "lora.safetensors")
+    assert next(iter(lora_layers(stacked).values())).rank == 8
+    in_turn = load_unet(world / "pipe")
+    load_lora(in_turn, sft / "lora.safetensors")
+    merge_and_unload(in_turn)
+    load_lora(in_turn, tmp_path / "reward" / "lora_reward.safetensors")
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 240, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(x, 300, context), in_turn(x, 300, context), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture()
+def reward_parts(world):
+    torch.manual_seed(0)
+    args = train.parse_args(tiny_args(world, world / "x", "reward"))
+    tokenizer, text_encoder, vae = train.load_frozen_parts(args, train.Env(0, 1, torch.device("cpu"), None))
+    unet = load_unet(world / "pipe")
+    inject_lora(unet, 4)
+    scorer = Scorer.load(world / "scorer")
+    encoder = train.LongPromptEncoder(tokenizer, text_encoder)
+    prompts = [CAPTION.format(i=0), CAPTION.format(i=1)]
+    with torch.no_grad():
+        cond, uncond = encoder(prompts), encoder([""])
+    return dict(unet=unet, vae=vae, scorer=scorer, text_encoder=text_encoder, cond=cond, uncond=uncond,
+                encoded=scorer.encode_prompts(prompts), sampler=DDIMSampler(NoiseSchedule(), 6, "trailing"))
+
+
+def run_reward(p, grad_steps, omega=0.3):
+    x0 = train.rollout(p["unet"], p["sampler"], torch.randn(2, 4, 8, 8), p["cond"], p["uncond"], 3.0, grad_steps)
+    parts, embeddings = train.score_images(p["scorer"], train.decode_to_unit(p["vae"], x0), p["encoded"], None,
+                                           omega, 15, torch.Generator().manual_seed(0))
+    return train.reward_loss(parts), parts, embeddings
+
+
+def test_reward_gradient_reaches_only_lora_and_only_through_the_k_steps(reward_parts):
+    unet = reward_parts["unet"]
+    calls = []  # (grad enabled, input latent requires grad) for every UNet forward
+    unet.register_forward_pre_hook(lambda module, inputs: calls.append((torch.is_grad_enabled(), inputs[0].requires_grad)))
+    assert train.gradient_steps(50, 10, 3) == {3, 13, 23, 33, 43}
+    grad_steps = train.gradient_steps(6, 2, 1)  # {1, 3, 5}
+    loss, _, _ = run_reward(reward_parts, grad_steps)
+
+    # Forward: three UNet calls recorded a graph and three ran under no_grad; none got a latent with history.
+    assert [enabled for enabled, _ in calls] == [i in grad_steps for i in range(6)]
+    assert not any(needs_grad for _, needs_grad in calls)
+    loss.backward()
+    assert len(calls) == 6 + 3  # backward recomputed exactly the three checkpointed calls
+
+    lora = {id(p) for layer in lora_layers(unet).values() for p in (layer.lora_down.weight, layer.lora_up.weight)}
+    models = [unet, reward_parts["vae"], reward_parts["scorer"].model, reward_parts["text_encoder"]]
+    with_grad = [p for model in models for p in model.parameters() if p.grad is not None]
+    assert with_grad and all(id(p) in lora for p in with_grad)
+    assert all(p.grad is not None for layer in lora_layers(unet).values() for p in (layer.lora_up.weight,))
+
+
+def test_reward_gradient_flows_through_the_linear_ddim_steps(reward_parts):
+    # Only step 0 has gradient; steps 1..5 see a detached-or-no-grad UNet. Its ε still reaches the image
+    # through x_{i+1} = a_i·x_i + b_i·ε_i, so the LoRA gets a gradient.
+    loss, _, _ = run_reward(reward_parts, {0})
+    loss.backward()
+    grads = [layer.lora_up.weight.grad for layer in lora_layers(reward_parts["unet"]).values()]
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.3, 1.0])
+def test_omega_sets_the_gradient_along_v_at_the_image_embedding(reward_parts, omega):
+    """∂score/∂C_X = T' = C_P⊥ + ω·η·V, so its component along V is ω·η: zero for ω = 0 (LongAlign §4)."""
+    scorer, encoded = reward_parts["scorer"], reward_parts["encoded"]
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    direction = F.normalize(torch.randn(scorer.embed_dim), dim=0)
+    parts, embeddings = train.score_images(scorer, images, encoded, direction, omega, 15,
+                                           torch.Generator().manual_seed(0))
+    embeddings.retain_grad()
+    train.reward_loss(parts).backward()
+    # The kernel normalizes x: g_x = (I − C_X C_Xᵀ)·∂L/∂C_X / |x|. With ∂L/∂C_X = −T'/(2B) and C_X·T' = score,
+    # T' = −2B·|x|·g_x + score·C_X recovers the gradient at the normalized embedding exactly.
+    x = embeddings.detach()
+    unit = F.normalize(x, dim=-1)
+    text_grad = -2 * len(x) * x.norm(dim=-1, keepdim=True) * embeddings.grad + parts.score.detach()[:, None] * unit
+    along_v = text_grad @ direction
+    torch.testing.assert_close(along_v, omega * parts.eta, atol=1e-5, rtol=1e-4)
+    if omega > 0:
+        assert along_v.abs().min() > 1e-3  # the check can fail: the V component is really there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints, signals, divergence
+# ----------------------------------------------------------------------------------------------------------
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(world, tmp_path, monkeypatch):
+    extra = ["--steps", "4", "--ema", "0.5", "--caption-dropout", "0.5"]
+    straight = train.main(tiny_args(world, tmp_path / "straight", "sft", *extra))
+
+    real_step = train.train_step
+
+    def step_then_sigterm(training, *rest):
+        logged = real_step(training, *rest)
+        if training.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return logged
+
+    monkeypatch.setattr(train, "train_step", step_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "train_step", real_step)
+    with pytest.raises(SystemExit) as refused:  # no silent overwrite of a run
+        train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra))
+    assert refused.value.code == 2
+    resumed = train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra, "--resume"))
+
+    assert [r["step"] for r in resumed] == [3, 4]
+    np.testing.assert_allclose(losses(straight), losses(json.loads(line) for line in
+                               (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()), atol=1e-6)
+    a, b = load_file(tmp_path / "straight" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch, capsys):
+    real_loss, calls = train.sft_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "sft_loss", poisoned)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_args(world, tmp_path, "sft", "--steps", "5", "--save-every", "1"))
+    assert stopped.value.code == 1
+    assert "the loss is nan at step 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem, expected", [
+    ("empty folder", "no images found"),
+    ("manifest without caption", "missing key 'caption'"),
+    ("weights path", "weights file not found"),
+    ("resolution", "multiple of 8"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, problem, expected):
+    args = tiny_args(world, tmp_path / "out", "sft", "--steps", "1")
+    if problem == "empty folder":
+        (tmp_path / "empty").mkdir()
+        args[args.index("--data") + 1] = str(tmp_path / "empty")
+    elif problem == "manifest without caption":
+        (tmp_path / "m.jsonl").write_text(json.dumps({"image": str(world / "images" / "0.png")}) + "\n")
+        args[args.index("--data") + 1] = str(tmp_path / "m.jsonl")
+    elif problem == "weights path":
+        args[args.index("--weights") + 1] = str(tmp_path / "no-such-model")
+    else:
+        args[args.index("--resolution") + 1] = "20"
+    with pytest.raises(SystemExit) as exited:
+        train.main(args)
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2
+    assert expected in err and err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The miniature's stages
+# ----------------------------------------------------------------------------------------------------------
+
+def test_clip_stage_writes_a_scorer_and_text_encoder_that_load(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "mini"
+    records = train.main(["--stage", "clip", "--data", "shapes", "--out", str(out), "--batch-size", "4",
+                          "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
+                          "--direction-prompts", "8", "--export", str(export)])
+    assert all(np.isfinite(losses(records)))
+    torch.manual_seed(0)  # the run's initial weights (main seeds with --seed 0 before building the model)
+    initial = CLIPModel(train.CLIP_CONFIGS["tiny"]).state_dict()
+    trained = load_clip(export / "scorer")
+    assert all(not torch.equal(v, initial[k]) for k, v in trained.state_dict().items() if k.endswith("weight"))
+    text = load_text_encoder(export)
+    assert all(torch.equal(v, trained.text_model.state_dict()[k]) for k, v in text.text_model.state_dict().items())
+    assert load_direction(export / "scorer" / "direction.safetensors", trained.config.projection_dim).norm() > 0.99
+
+    # Oracle: transformers reads the scorer folder as the same CLIPModel.
+    import transformers
+    reference = transformers.CLIPModel.from_pretrained(export / "scorer").eval()
+    ids, pixels = torch.tensor([[49406, 320, 1746, 49407, 49407]]), torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        text = reference.text_projection(reference.text_model(input_ids=ids).pooler_output)
+        image = reference.visual_projection(reference.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(trained.encode_text(ids), text, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(trained.encode_image(pixels), image, atol=1e-5, rtol=1e-4)
+
+
+def test_vae_stage_trains_and_fits_its_scaling_factor(tmp_path):
+    out = tmp_path / "run"
+    records = train.main(["--stage", "vae", "--data", "shapes", "--out", str(out), "--batch-size", "2",
+                          "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--num-val", "2",
+                          "--sample-every", "2"])
+    assert all(np.isfinite(losses(records))) and all(r["kl"] >= 0 for r in records)
+    torch.manual_seed(0)
+    initial = AutoencoderKL(VAE_CONFIGS["tiny"]).state_dict()
+    vae = load_vae(out / "vae")
+    assert any(not torch.equal(v, initial[k]) for k, v in vae.state_dict().items())
+    with torch.no_grad():
+        images = torch.stack([train.data.ShapesDataset("train", 8, 0.0)[i]["image"] for i in range(8)])
+        latents = vae.encode(images)[0] * vae.scaling_factor
+    assert vae.scaling_factor != 0.18215 and 0.5 < latents.std() < 2.0  # roughly unit-variance latents
+    assert Image.open(out / "samples" / "step_000002.png").size == (2 * 64, 2 * 64)  # originals over recons
+
+
+def test_stack_loras_equals_applying_both():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNET_CONFIGS["tiny"])
+    first_model, second_model = UNet2DConditionModel(UNET_CONFIGS["tiny"]), UNet2DConditionModel(UNET_CONFIGS["tiny"])
+    for model, rank in ((first_model, 2), (second_model, 3)):
+        inject_lora(model, rank, alpha=1.5)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    first, second = lora_state_dict(first_model), lora_state_dict(second_model)
+    stacked = UNet2DConditionModel(UNET_CONFIGS["tiny"])
+    stacked.load_state_dict(unet.state_dict())
+    train.load_lora_state_dict(stacked, train.stack_loras(first, second))
+    in_turn = UNet2DConditionModel(UNET_CONFIGS["tiny"])
+    in_turn.load_state_dict(unet.state_dict())
+    train.load_lora_state_dict(in_turn, first)
+    merge_and_unload(in_turn)
+    train.load_lora_state_dict(in_turn, second)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(x, 10, context), in_turn(x, 10, context), atol=1e-5, rtol=1e-5)
