@@ -167,7 +167,7 @@ def reward_parts(world):
     with torch.no_grad():
         cond, uncond = encoder(prompts), encoder([""])
     return dict(unet=unet, vae=vae, scorer=scorer, text_encoder=text_encoder, cond=cond, uncond=uncond,
-                encoded=scorer.encode_prompts(prompts), sampler=DDIMSampler(NoiseSchedule(), 6, "trailing"))
+                encoded=scorer.encode_prompts(prompts), sampler=DDIMSampler(NoiseSchedule(), 4, "trailing"))
 
 
 def run_reward(p, grad_steps, omega=0.3):
@@ -182,14 +182,14 @@ def test_reward_gradient_reaches_only_lora_and_only_through_the_k_steps(reward_p
     calls = []  # (grad enabled, input latent requires grad) for every UNet forward
     unet.register_forward_pre_hook(lambda module, inputs: calls.append((torch.is_grad_enabled(), inputs[0].requires_grad)))
     assert train.gradient_steps(50, 10, 3) == {3, 13, 23, 33, 43}
-    grad_steps = train.gradient_steps(6, 2, 1)  # {1, 3, 5}
+    grad_steps = train.gradient_steps(4, 2, 1)  # {1, 3}
     loss, _, _ = run_reward(reward_parts, grad_steps)
 
-    # Forward: three UNet calls recorded a graph and three ran under no_grad; none got a latent with history.
-    assert [enabled for enabled, _ in calls] == [i in grad_steps for i in range(6)]
+    # Forward: two UNet calls recorded a graph and two ran under no_grad; none got a latent with history.
+    assert [enabled for enabled, _ in calls] == [False, True, False, True]
     assert not any(needs_grad for _, needs_grad in calls)
     loss.backward()
-    assert len(calls) == 6 + 3  # backward recomputed exactly the three checkpointed calls
+    assert len(calls) == 4 + 2  # backward recomputed exactly the two checkpointed calls
 
     lora = {id(p) for layer in lora_layers(unet).values() for p in (layer.lora_down.weight, layer.lora_up.weight)}
     models = [unet, reward_parts["vae"], reward_parts["scorer"].model, reward_parts["text_encoder"]]
@@ -199,7 +199,7 @@ def test_reward_gradient_reaches_only_lora_and_only_through_the_k_steps(reward_p
 
 
 def test_reward_gradient_flows_through_the_linear_ddim_steps(reward_parts):
-    # Only step 0 has gradient; steps 1..5 see a detached-or-no-grad UNet. Its ε still reaches the image
+    # Only step 0 has gradient; steps 1..3 see a detached-or-no-grad UNet. Its ε still reaches the image
     # through x_{i+1} = a_i·x_i + b_i·ε_i, so the LoRA gets a gradient.
     loss, _, _ = run_reward(reward_parts, {0})
     loss.backward()
@@ -314,7 +314,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, probl
 
 def test_clip_stage_writes_a_scorer_and_text_encoder_that_load(tmp_path):
     out, export = tmp_path / "run", tmp_path / "mini"
-    records = train.main(["--stage", "clip", "--data", "shapes", "--out", str(out), "--batch-size", "4",
+    records = train.main(["--stage", "clip", "--data", "shapes", "--shapes-count", "8", "--out", str(out),
+                          "--batch-size", "4",
                           "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
                           "--direction-prompts", "8", "--export", str(export)])
     assert all(np.isfinite(losses(records)))
@@ -339,7 +340,8 @@ def test_clip_stage_writes_a_scorer_and_text_encoder_that_load(tmp_path):
 
 def test_vae_stage_trains_and_fits_its_scaling_factor(tmp_path):
     out = tmp_path / "run"
-    records = train.main(["--stage", "vae", "--data", "shapes", "--out", str(out), "--batch-size", "2",
+    records = train.main(["--stage", "vae", "--data", "shapes", "--shapes-count", "8", "--out", str(out),
+                          "--batch-size", "2",
                           "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--num-val", "2",
                           "--sample-every", "2"])
     assert all(np.isfinite(losses(records))) and all(r["kl"] >= 0 for r in records)

@@ -1,0 +1,93 @@
+"""score.py --eval-shapes: the miniature's evaluation table (issue 7), on tiny random models."""
+import dataclasses
+
+import pytest
+import torch
+
+import data
+import score
+import train
+from model.clip import CONFIGS as CLIP_CONFIGS, CLIPModel
+from model.preference import KINDS, Scorer, fit_direction, save_direction
+from model.tokenizer import CLIPTokenizer
+from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
+from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
+from model.weights import save_unet_diffusers, save_vae_diffusers
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A random tiny pipeline folder and a random tiny scorer folder with its direction.safetensors."""
+    root = tmp_path_factory.mktemp("mini")
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIP_CONFIGS["tiny"])
+    train.save_clip_model(clip, root / "scorer")
+    tokenizer = CLIPTokenizer()
+    scorer = Scorer(clip, KINDS["clip"], tokenizer)
+    prompts = [caption for _, caption in data.shapes_split("train", 8)]
+    save_direction(root / "scorer" / "direction.safetensors", fit_direction(scorer, prompts, progress=False),
+                   scorer, len(prompts))
+
+    pipe = root / "pipeline"
+    train.save_text_encoder(clip.text_model, pipe / "text_encoder")
+    tokenizer.save_pretrained(pipe / "tokenizer")
+    width = CLIP_CONFIGS["tiny"].text.width
+    save_unet_diffusers(UNet2DConditionModel(dataclasses.replace(UNET_CONFIGS["tiny"], cross_attention_dim=width)),
+                        pipe / "unet")
+    save_vae_diffusers(AutoencoderKL(VAE_CONFIGS["tiny"]), pipe / "vae")
+    train.write_pipeline_files(pipe)
+    return root
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_the_mean_gap_for_a_shift():
+    features = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert abs(score.frechet_distance(features, features)) < 1e-6
+    # Equal covariances cancel the trace term, leaving |μa − μb|² exactly.
+    assert score.frechet_distance(features, features + shift) == pytest.approx(shift.square().sum().item(), rel=1e-6)
+    # Scaling one set by 2 multiplies its covariance by 4: tr(Σ + 4Σ − 2·2Σ) = tr(Σ).
+    centred = features - features.mean(0)
+    expected = torch.cov(centred.T.double()).trace().item()
+    assert score.frechet_distance(centred, 2 * centred) == pytest.approx(expected, rel=1e-6)
+
+
+def test_parse_row():
+    assert score.parse_row("base=runs/x/pipeline:truncate") == score.EvalRow("base", score.Path("runs/x/pipeline"),
+                                                                             "truncate")
+    assert score.parse_row("SFT + reward ω=0.3=a/b").path == score.Path("a/b")  # only the last '=' separates
+    assert score.parse_row("seg=a/b").encoding == "segment"
+    with pytest.raises(score.CliError):
+        score.parse_row("no-path")
+
+
+def test_fact_accuracy_of_real_renders_is_near_perfect():
+    examples = data.shapes_split("test", 20)
+    real = score.renders(examples)
+    assert real.shape == (20, 3, 64, 64) and real.dtype == torch.uint8
+    assert score.fact_accuracy(real, examples)["all"] >= 99.0
+    blank = torch.full_like(real, 255)  # a white canvas: only the "is empty" facts hold
+    assert score.fact_accuracy(blank, examples)["all"] < 60.0
+
+
+def test_eval_shapes_writes_the_table(tiny_models, tmp_path, capsys):
+    out = tmp_path / "eval.md"
+    pipe = tiny_models / "pipeline"
+    code = score.main(["--eval-shapes", "--scenes", "4", "--sample-steps", "2", "--batch-size", "3",
+                       "--scorer", str(tiny_models / "scorer"), "--row", f"truncate={pipe}:truncate",
+                       "--row", f"segment={pipe}", "-o", str(out), "--device", "cpu"])
+    assert code == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    rows = [line for line in text.splitlines() if line.startswith("| truncate") or line.startswith("| segment")]
+    assert len(rows) == 2
+    for row in rows:
+        all_facts = float(row.split("|")[2])
+        assert 0.0 <= all_facts <= 100.0
+    assert "C⊥(p) text-relevant" in text and "η = C_P·V" in text
+
+
+def test_eval_shapes_refuses_a_lora_row_without_base(tiny_models, capsys):
+    code = score.main(["--eval-shapes", "--scenes", "2", "--scorer", str(tiny_models / "scorer"),
+                       "--row", "x=adapter.safetensors", "--device", "cpu"])
+    assert code == 2
+    assert "--lora-base" in capsys.readouterr().err
