@@ -106,10 +106,10 @@ def choose_strategy(args, tokenizer) -> str:
     return "concat" if args.encoding == "segment" else args.encoding
 
 
-def initial_latents(args, vae_scale: int, height: int, width: int, device, dtype):
+def initial_latents(args, downsample: int, height: int, width: int, device, dtype):
     """Noise drawn on the CPU from the seed, as diffusers does, so the same seed gives the same image."""
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    shape = (args.batch, 4, height // vae_scale, width // vae_scale)
+    shape = (args.batch, 4, height // downsample, width // downsample)
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
@@ -140,7 +140,7 @@ def main(argv=None):
     device, dtype = pick_device(args)
     pipe = load_pipeline(weights_path(args), dtype=dtype, device=device)
     if args.lora is not None:
-        load_lora(pipe.unet, args.lora, inject=True)
+        load_lora(pipe.unet, args.lora)
     height = args.height or pipe.default_size
     width = args.width or pipe.default_size
 
@@ -156,7 +156,7 @@ def main(argv=None):
 
     schedule = NoiseSchedule()
     sampler = DDIMSampler(schedule, args.steps) if args.sampler == "ddim" else DPMSolverSampler(schedule, args.steps)
-    latents = initial_latents(args, pipe.vae_scale, height, width, device, dtype)
+    latents = initial_latents(args, pipe.vae.downsample_factor, height, width, device, dtype)
     latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, args.cfg)
     with torch.no_grad():
         images = to_images(pipe.vae.decode(latents / pipe.vae.scaling_factor))

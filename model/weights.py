@@ -740,6 +740,11 @@ class Pipeline(NamedTuple):
     unet: UNet2DConditionModel
     vae: AutoencoderKL
 
+    @property
+    def default_size(self) -> int:
+        """Image side in pixels the UNet was trained at (512 for SD-1.5)."""
+        return self.unet.config.sample_size * self.vae.downsample_factor
+
 
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None) -> Pipeline:
