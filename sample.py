@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from model.diffusion import DDIMSampler, DPMSolverSampler, NoiseSchedule, sample_loop
 from model.longtext import LongPromptEncoder
-from model.lora import load_lora
+from model.lora import load_lora, merge_lora
 from model.weights import WeightsError, load_pipeline
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "mini"
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--lora", type=Path, default=None, help="a LoRA .safetensors written by train.py")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5); 1 or less turns guidance off, as in diffusers")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim",
                    help="DDIM (eta 0) or DPM-Solver++(2M), which is good in 20-25 steps")
@@ -65,22 +65,28 @@ def check_args(args):
         value = getattr(args, side)
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{side} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
-    if args.steps < 1 or args.steps > 1000:
-        raise ValueError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if not 1 <= args.steps <= 999:
+        raise ValueError(f"--steps must be between 1 and 999, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file (the settings are stored in its text chunk), got {args.out}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    probe = args.out.with_name(args.out.name + ".check")  # fail now, not after minutes of sampling
     try:
-        args.out.with_name(args.out.name + ".check").touch()
-        args.out.with_name(args.out.name + ".check").unlink()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
     except OSError as err:
         raise ValueError(f"cannot write to {args.out.parent} ({err.strerror}); choose another --out") from None
 
 
 def pick_device(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     if device.type == "cpu" and args.dtype not in (None, "fp32"):
         raise ValueError(f"--dtype {args.dtype} needs CUDA; on the CPU the model runs in fp32")
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
@@ -119,11 +125,13 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(img)) for img in x]
 
 
-def png_parameters(args, strategy, height, width) -> PngInfo:
+def png_parameters(args, weights, strategy, height, width) -> PngInfo:
     """The prompt and settings in the common 'parameters' text-chunk convention."""
     info = PngInfo()
     settings = (f"Steps: {args.steps}, Sampler: {args.sampler.upper()}, CFG scale: {args.cfg}, Seed: {args.seed}, "
-                f"Size: {width}x{height}, Encoding: {strategy}, Max tokens: {args.max_tokens}")
+                f"Size: {width}x{height}, Model: {weights.name}, Encoding: {strategy}, Max tokens: {args.max_tokens}")
+    if args.lora is not None:
+        settings += f", LoRA: {args.lora.name}"
     info.add_text("parameters", f"{args.prompt}\nNegative prompt: {args.negative}\n{settings}")
     return info
 
@@ -136,38 +144,46 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
-    device, dtype = pick_device(args)
-    pipe = load_pipeline(weights_path(args), dtype=dtype, device=device)
-    if args.lora is not None:
-        load_lora(pipe.unet, args.lora)
+    try:
+        check_args(args)
+        device, dtype = pick_device(args)
+        weights = weights_path(args)
+        pipe = load_pipeline(weights, dtype=dtype, device=device)
+        if args.lora is not None:
+            load_lora(pipe.unet, args.lora)
+            merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
+        strategy = choose_strategy(args, pipe.tokenizer)
+        encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
+        schedule = NoiseSchedule()
+        sampler = (DDIMSampler if args.sampler == "ddim" else DPMSolverSampler)(schedule, args.steps)
+    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     height = args.height or pipe.default_size
     width = args.width or pipe.default_size
 
-    strategy = choose_strategy(args, pipe.tokenizer)
-    encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
     plan = encoder.plan(args.prompt)
-    print(f"encoding: {strategy}, {len(plan.blocks)} segments, {plan.tokens_used} tokens used"
+    print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
           f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
           f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
     with torch.no_grad():
         cond = encoder([args.prompt] * args.batch)
         uncond = encoder([args.negative])
+    scale = args.cfg
+    if scale <= 1:
+        # As in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, which is what guiding
+        # the prompt towards itself with scale 1 gives (ε_c + 1·(ε_c − ε_c)).
+        uncond, scale = cond, 1.0
 
-    schedule = NoiseSchedule()
-    sampler = DDIMSampler(schedule, args.steps) if args.sampler == "ddim" else DPMSolverSampler(schedule, args.steps)
     latents = initial_latents(args, pipe.vae.downsample_factor, height, width, device, dtype)
-    latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, args.cfg)
+    latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, scale)
     with torch.no_grad():
         images = to_images(pipe.vae.decode(latents / pipe.vae.scaling_factor))
 
     for image, path in zip(images, output_paths(args.out, args.batch)):
-        image.save(path, pnginfo=png_parameters(args, strategy, height, width))
+        image.save(path, pnginfo=png_parameters(args, weights, strategy, height, width))
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (WeightsError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    main()

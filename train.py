@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -845,8 +846,9 @@ def setup_clip(args, env: Env) -> Stage:
         save_clip_model(model, folder / "scorer")
         save_text_encoder(model.text_model, folder / "text_encoder")
         tokenizer.save_pretrained(folder / "tokenizer")
-        if final:  # the corpus direction V (LongAlign §4), fitted once the scorer is done
-            scorer = Scorer(model, KINDS["clip"], tokenizer, name="the miniature's scorer")
+        if final:  # the corpus direction V (LongAlign §4), fitted once the scorer is done (on a copy: Scorer
+            # freezes the model it gets, and the checkpoint saved next needs the trainable one)
+            scorer = Scorer(copy.deepcopy(model), KINDS["clip"], tokenizer, name="the miniature's scorer")
             prompts = dataset_captions(dataset, args.direction_prompts)
             save_direction(folder / "scorer" / "direction.safetensors",
                            fit_direction(scorer, prompts, progress=False), scorer, len(prompts))
@@ -960,8 +962,9 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema = {name: tensor.to(trainable[name].device) for name, tensor in state["ema"].items()}
+        if self.ema is not None:  # a run that turns EMA on at a resume starts it from the loaded weights
+            self.ema = {name: (state["ema"] or state["trainable"])[name].to(param.device).clone()
+                        for name, param in trainable.items()}
         set_rng_states(state["rng"], self.generator)
         self.step, self.position = state["step"], DataPosition(state["epoch"], state["batches"])
 
@@ -1012,8 +1015,9 @@ def train_step(training: Training, batches, args, env: Env) -> dict[str, float]:
         batch = next(batches)
         with env.autocast():
             loss, extra = stage.loss(batch, training.generator)
-        if not math.isfinite(mean_over_ranks({"loss": loss.item()}, env)["loss"]):
-            raise Diverged(f"the loss is {loss.item()} at step {training.step + 1}")
+        global_loss = mean_over_ranks({"loss": loss.item()}, env)["loss"]
+        if not math.isfinite(global_loss):
+            raise Diverged(f"the loss is {global_loss} at step {training.step + 1}")
         training.scaler.scale(loss / args.grad_accum).backward()
         for name, value in {"loss": loss, **extra}.items():
             logged[name] = logged.get(name, 0.0) + float(value.detach()) / args.grad_accum

@@ -17,12 +17,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-runs/mini}
-CLIP_STEPS=${CLIP_STEPS:-250}
-VAE_STEPS=${VAE_STEPS:-300}
+CLIP_STEPS=${CLIP_STEPS:-300}
+VAE_STEPS=${VAE_STEPS:-150}
 SFT_STEPS=${SFT_STEPS:-600}
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
+SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
+# Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
+# side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
+export OMP_NUM_THREADS=${THREADS:-2}
 
 mkdir -p "$RUNS"
 
@@ -36,13 +40,13 @@ run() {  # run NAME COMMAND...: log to $RUNS/NAME.log and record the wall time
 
 stage_clip() {  # scorer + frozen text encoder, contrastive on sentences, segment means and truncated captions
     run clip python train.py --stage clip --data shapes --from-scratch mini --steps "$CLIP_STEPS" \
-        --batch-size 64 --lr 1e-3 --warmup 25 --save-every 50 --workers 1 \
+        --batch-size 64 --lr 1e-3 --warmup 25 --save-every 50 --workers 0 \
         --out "$RUNS/clip" --export "$PIPE" --resume
 }
 
 stage_vae() {  # 64×64 images <-> 16×16×4 latents
     run vae python train.py --stage vae --data shapes --from-scratch mini --steps "$VAE_STEPS" \
-        --batch-size 16 --lr 2e-3 --warmup 20 --save-every 50 --sample-every 100 --workers 1 \
+        --batch-size 16 --lr 2e-3 --warmup 20 --save-every 50 --sample-every 100 --workers 0 \
         --out "$RUNS/vae" --export "$PIPE" --resume
 }
 
@@ -50,7 +54,7 @@ sft() {  # sft ENCODING: the UNet from scratch; concat is LongAlign's segment en
     local encoding=$1 name=sft-$2
     run "$name" python train.py --stage sft --data shapes --weights "$PIPE" --from-scratch mini --full \
         --encoding "$encoding" --steps "$SFT_STEPS" --batch-size 16 --lr 2e-3 --warmup 50 --ema 0.99 \
-        --save-every 50 --sample-every 200 --val-steps 10 --cfg 3 --workers 1 \
+        --save-every 50 --sample-every 200 --val-steps 10 --cfg 3 --workers 0 \
         --out "$RUNS/$name" --export "$RUNS/$name/pipeline" --resume
 }
 
@@ -59,13 +63,28 @@ reward() {  # reward OMEGA: a fresh LoRA on the segment-SFT UNet ascends the ω-
     run "reward-$omega" python train.py --stage reward --data shapes --weights "$RUNS/sft-segment/pipeline" \
         --scorer "$PIPE/scorer" --direction "$PIPE/scorer/direction.safetensors" --omega "$omega" \
         --steps "$REWARD_STEPS" --batch-size 8 --lr 1e-3 --warmup 5 --lora-rank 8 --rollout-steps 10 \
-        --grad-stride 5 --cfg 3 --save-every 10 --sample-every 0 --workers 1 \
+        --grad-stride 5 --cfg 3 --save-every 10 --sample-every 0 --workers 0 \
         --out "$RUNS/reward-$omega" --export "$RUNS/reward-$omega/pipeline" --resume
 }
 
-stage_ship() {  # the ω = 0.3 pipeline and the scorer, in fp16
-    run ship python score.py --ship-mini "$RUNS/reward-0.3/pipeline" --scorer "$PIPE/scorer" -o weights/mini
-    du -sh weights/mini
+stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and the scorer, every weight file in fp16
+    rm -rf weights/mini.tmp
+    mkdir -p weights/mini.tmp
+    cp -r "$RUNS/$SHIP_FROM/pipeline/." weights/mini.tmp/
+    cp -r "$PIPE/scorer" weights/mini.tmp/scorer
+    python - weights/mini.tmp <<'PY'
+import sys
+from pathlib import Path
+
+from model.weights import read_state_dict, save_state_dict
+
+for path in Path(sys.argv[1]).glob("*/*.safetensors"):
+    if path.name != "direction.safetensors":  # V is 64 floats; it stays fp32
+        save_state_dict({k: v.half() if v.is_floating_point() else v for k, v in read_state_dict(path).items()}, path)
+PY
+    rm -rf weights/mini
+    mv weights/mini.tmp weights/mini
+    du -ab weights/mini | sort -n | tail -12
 }
 
 stage_eval() {  # the README table: facts, Fréchet distance, Table 1 and η, on held-out scenes

@@ -43,6 +43,8 @@ class VAEConfig:
 CONFIGS = {
     "sd15": VAEConfig(),
     "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64),
+    # The shipped miniature (issue 7): 64×64 flat-coloured images <-> 16×16×4 latents (two downsamples).
+    "mini": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8, sample_size=64),
 }
 
 

@@ -34,7 +34,9 @@ def tiny_models(tmp_path_factory):
     width = CLIP_CONFIGS["tiny"].text.width
     save_unet_diffusers(UNet2DConditionModel(dataclasses.replace(UNET_CONFIGS["tiny"], cross_attention_dim=width)),
                         pipe / "unet")
-    save_vae_diffusers(AutoencoderKL(VAE_CONFIGS["tiny"]), pipe / "vae")
+    # Three VAE levels (like the miniature's) give 16×16 latents, which keeps the UNet cheap.
+    save_vae_diffusers(AutoencoderKL(dataclasses.replace(VAE_CONFIGS["tiny"], block_out_channels=(32, 32, 32))),
+                       pipe / "vae")
     train.write_pipeline_files(pipe)
     return root
 
@@ -72,7 +74,7 @@ def test_fact_accuracy_of_real_renders_is_near_perfect():
 def test_eval_shapes_writes_the_table(tiny_models, tmp_path, capsys):
     out = tmp_path / "eval.md"
     pipe = tiny_models / "pipeline"
-    code = score.main(["--eval-shapes", "--scenes", "4", "--sample-steps", "2", "--batch-size", "3",
+    code = score.main(["--eval-shapes", "--scenes", "3", "--sample-steps", "2", "--batch-size", "2",
                        "--scorer", str(tiny_models / "scorer"), "--row", f"truncate={pipe}:truncate",
                        "--row", f"segment={pipe}", "-o", str(out), "--device", "cpu"])
     assert code == 0

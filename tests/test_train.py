@@ -21,6 +21,10 @@ from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
 from model.weights import load_clip, load_text_encoder, load_unet, load_vae, save_unet_diffusers, save_vae_diffusers
 
+# Models this small gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's waiting
+# between threads made every step about ten times slower.
+torch.set_num_threads(1)
+
 TEXT = TextConfig(width=32, layers=1, heads=2, mlp=64, act="quick_gelu", vocab_size=49408, max_positions=77)
 VISION = VisionConfig(width=32, layers=1, heads=2, mlp=64, act="gelu", patch_size=32, image_size=224)
 CAPTION = ("A red cube number {i} sits on a wooden table. It casts a long shadow to the left! The sky behind it "
@@ -314,11 +318,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, probl
 
 def test_clip_stage_writes_a_scorer_and_text_encoder_that_load(tmp_path):
     out, export = tmp_path / "run", tmp_path / "mini"
-    records = train.main(["--stage", "clip", "--data", "shapes", "--shapes-count", "8", "--out", str(out),
-                          "--batch-size", "4",
-                          "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
-                          "--direction-prompts", "8", "--export", str(export)])
+    args = ["--stage", "clip", "--data", "shapes", "--shapes-count", "8", "--out", str(out), "--batch-size", "4",
+            "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--direction-prompts", "8",
+            "--export", str(export)]
+    records = train.main(args)
     assert all(np.isfinite(losses(records)))
+    assert train.main(args + ["--resume"]) == []  # a finished run resumes to nothing and exports again
     torch.manual_seed(0)  # the run's initial weights (main seeds with --seed 0 before building the model)
     initial = CLIPModel(train.CLIP_CONFIGS["tiny"]).state_dict()
     trained = load_clip(export / "scorer")
@@ -341,9 +346,8 @@ def test_clip_stage_writes_a_scorer_and_text_encoder_that_load(tmp_path):
 def test_vae_stage_trains_and_fits_its_scaling_factor(tmp_path):
     out = tmp_path / "run"
     records = train.main(["--stage", "vae", "--data", "shapes", "--shapes-count", "8", "--out", str(out),
-                          "--batch-size", "2",
-                          "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--num-val", "2",
-                          "--sample-every", "2"])
+                          "--batch-size", "2", "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
+                          "--num-val", "2", "--sample-every", "2"])
     assert all(np.isfinite(losses(records))) and all(r["kl"] >= 0 for r in records)
     torch.manual_seed(0)
     initial = AutoencoderKL(VAE_CONFIGS["tiny"]).state_dict()

@@ -1,0 +1,245 @@
+"""sample.py end to end on a tiny random Stable Diffusion pipeline.
+
+The oracle is diffusers' own StableDiffusionPipeline: tiny random UNet and VAE, a tiny transformers CLIP text
+encoder, transformers' CLIPTokenizer reading the files our CLIPTokenizer writes, and the SD-1.5 scheduler
+config. It is saved with save_pretrained, and sample.py loads that folder. With the same seed, steps, CFG and
+sampler, the PNG must equal diffusers' image to within 1/255 per pixel (fp32): the only differences allowed
+are float rounding (our schedule is float64, diffusers' float32) landing on the other side of a .5.
+"""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import sample
+from model.lora import inject_lora, merge_and_unload, save_lora
+from model.tokenizer import CLIPTokenizer
+from model.weights import load_unet, save_unet_diffusers
+from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 64  # the tiny text encoder's width, which the UNet's cross-attention reads
+SD15_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                      clip_sample=False, set_alpha_to_one=False)
+# Ten sentences, about 200 CLIP tokens: far past plain CLIP's 75, within segment encoding's 240 rows.
+LONG_PROMPT = (
+    "A small red wooden cabin stands alone at the edge of a quiet pine forest in late autumn. "
+    "Thin grey smoke curls upward from its crooked stone chimney into the pale morning sky. "
+    "In front of the cabin, a narrow dirt path winds down toward a calm, mirror-like mountain lake. "
+    "Two brown ducks float near the reedy shore, leaving soft ripples behind them on the water. "
+    "On the far side of the lake, snow-capped peaks catch the first golden light of the rising sun. "
+    "A weathered canoe, painted faded blue, rests upside down on the pebbles beside a wooden dock. "
+    "Stacks of freshly split firewood lean against the cabin wall under a sloping tin roof. "
+    "A black cat with white paws sits on the porch railing, watching a sparrow in the nearby birch tree. "
+    "Fallen orange and yellow leaves cover the ground, and a few still drift slowly through the crisp air. "
+    "The whole scene is calm, warm and detailed, like a classic oil painting of the northern wilderness.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny pipeline, in diffusers and on disk
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(diffusers StableDiffusionPipeline, its saved folder)."""
+    tokenizer_files = tmp_path_factory.mktemp("tokenizer")
+    CLIPTokenizer().save_pretrained(tokenizer_files)
+    torch.manual_seed(0)
+    text_config = transformers.CLIPTextConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1,
+                                              num_attention_heads=1, vocab_size=49408)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL(**TINY_VAE_CONFIG),
+        text_encoder=transformers.CLIPTextModel(text_config),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_files),
+        unet=diffusers.UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": WIDTH}),
+        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    pipe.save_pretrained(folder)
+    # transformers 5 saves only tokenizer.json; the public SD-1.5 folder (and our loader) has vocab.json and
+    # merges.txt, the very files the oracle's tokenizer was read from.
+    CLIPTokenizer().save_pretrained(folder / "tokenizer")
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(reference):
+    return reference[1]
+
+
+def run_sample(prompt, weights, out, *options):
+    sample.main([prompt, "--weights", str(weights), "--out", str(out), "--height", "32", "--width", "32",
+                 "--steps", "2", *map(str, options)])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with diffusers
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler, cfg, batch, negative, steps", [
+    ("ddim", 7.5, 2, "blurry, dark", 3),
+    ("dpm", 4.0, 1, "", 4),  # 4 steps: first order, two second-order steps, first order to sigma 0
+    ("ddim", 0.5, 1, "", 3),  # a scale <= 1 turns guidance off in diffusers; sample.py mirrors that
+])
+def test_image_equals_diffusers(reference, tmp_path, sampler, cfg, batch, negative, steps):
+    pipe, folder = reference
+    if sampler == "dpm":  # the same models with DPM-Solver++(2M) at diffusers' defaults
+        dpm = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": dpm})
+        pipe.set_progress_bar_config(disable=True)
+    prompt, seed = "a red cube on a blue sphere, studio light", 7
+    expected = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, height=32,
+                    width=32, num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="np").images
+    expected = (expected * 255).round().astype(np.int16)  # [B, H, W, 3], as diffusers makes its PIL images
+
+    out = tmp_path / "image.png"
+    sample.main([prompt, "--weights", str(folder), "--out", str(out), "--height", "32", "--width", "32",
+                 "--steps", str(steps), "--cfg", str(cfg), "--seed", str(seed), "--sampler", sampler,
+                 "--batch", str(batch), "--negative", negative, "--encoding", "truncate"])
+    paths = [out] if batch == 1 else [tmp_path / f"image-{i}.png" for i in range(batch)]
+    for path, image in zip(paths, expected):
+        ours = pixels(path)
+        assert ours.shape == image.shape == (32, 32, 3)
+        assert ours.std() > 5  # a real picture, not a flat field that would match anything
+        assert np.abs(ours - image).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segment encoding, PNG metadata, the default model
+# ---------------------------------------------------------------------------------------------------------
+
+def test_long_prompt_uses_segment_encoding(tiny_sd, tmp_path, monkeypatch, capsys):
+    assert 180 <= len(CLIPTokenizer().encode(LONG_PROMPT)) <= 230
+    contexts, load_pipeline = [], sample.load_pipeline
+
+    def load_and_watch(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(lambda unet, inputs: contexts.append(tuple(inputs[2].shape)))
+        return pipe
+
+    monkeypatch.setattr(sample, "load_pipeline", load_and_watch)
+    out = tmp_path / "long.png"
+    run_sample(LONG_PROMPT, tiny_sd, out)  # --encoding auto: over 77 tokens, so segment encoding
+    assert "encoding: concat, 10 segments" in capsys.readouterr().out
+    assert contexts == [(2, 240, WIDTH)] * 2  # [uncond; cond] under CFG, 240 rows, at each of the 2 steps
+    assert Image.open(out).text["parameters"].startswith(LONG_PROMPT + "\n")  # the prompt kept whole
+
+
+def test_empty_prompt_with_the_default_model(tiny_sd, tmp_path, monkeypatch, capsys):
+    """An empty prompt is an unconditional sample; without --weights the shipped model is used, with a note."""
+    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tiny_sd)
+    out = tmp_path / "nested" / "empty.png"
+    sample.main(["", "--out", str(out), "--steps", "1", "--cfg", "3", "--seed", "11", "--negative", "noisy"])
+    assert sample.MINI_WORLD_NOTE in capsys.readouterr().err
+    image = Image.open(out)
+    assert image.size == (16, 16)  # the model's own size: UNet sample_size 8 × VAE downsampling 2
+    assert image.text["parameters"] == (
+        "\nNegative prompt: noisy\nSteps: 1, Sampler: DDIM, CFG scale: 3.0, Seed: 11, Size: 16x16, "
+        f"Model: {tiny_sd.name}, Encoding: truncate, Max tokens: 240")
+
+
+def test_lora_is_applied(tiny_sd, tmp_path):
+    """A LoRA file from save_lora gives the image of the UNet with that LoRA merged into it."""
+    unet = load_unet(tiny_sd)
+    inject_lora(unet, rank=4)
+    generator = torch.Generator().manual_seed(3)
+    for name, param in unet.named_parameters():
+        if "lora_up" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    save_lora(unet, tmp_path / "style.safetensors")
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_sd, merged)
+    shutil.rmtree(merged / "unet")
+    save_unet_diffusers(merge_and_unload(unet), merged / "unet")
+
+    run_sample("a cat", tiny_sd, tmp_path / "lora.png", "--lora", tmp_path / "style.safetensors")
+    run_sample("a cat", merged, tmp_path / "merged.png")
+    run_sample("a cat", tiny_sd, tmp_path / "base.png")
+    assert np.abs(pixels(tmp_path / "lora.png") - pixels(tmp_path / "merged.png")).max() <= 1
+    assert np.abs(pixels(tmp_path / "lora.png") - pixels(tmp_path / "base.png")).max() > 10
+    assert "LoRA: style.safetensors" in Image.open(tmp_path / "lora.png").text["parameters"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one clear line on stderr, exit status 2, no traceback
+# ---------------------------------------------------------------------------------------------------------
+
+def broken_folder(tiny_sd, tmp_path, how):
+    folder = tmp_path / how
+    shutil.copytree(tiny_sd, folder)
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "swapped":  # unet/ holds the VAE
+        shutil.rmtree(folder / "unet")
+        shutil.copytree(tiny_sd / "vae", folder / "unet")
+    else:  # a download cut short
+        unet_file.write_bytes(unet_file.read_bytes()[:3000])
+    return folder
+
+
+BAD_INPUTS = {
+    "missing weights": (lambda sd, tmp: ["x", "--weights", tmp / "nowhere"], "not found"),
+    "wrong model in folder": (lambda sd, tmp: ["x", "--weights", broken_folder(sd, tmp, "swapped")],
+                              "AutoencoderKL"),
+    "corrupt file": (lambda sd, tmp: ["x", "--weights", broken_folder(sd, tmp, "truncated")],
+                     "truncated or corrupt"),
+    "height not a multiple of 8": (lambda sd, tmp: ["x", "--weights", sd, "--height", "30"], "multiple of 8"),
+    "width not a multiple of 8": (lambda sd, tmp: ["x", "--weights", sd, "--width", "0"], "multiple of 8"),
+    "no steps": (lambda sd, tmp: ["x", "--weights", sd, "--steps", "0"], "--steps must be between 1 and 999"),
+    "output under a file": (lambda sd, tmp: ["x", "--weights", sd, "--out", tmp / "file.txt" / "out.png"],
+                            "choose another --out"),
+    "output not a png": (lambda sd, tmp: ["x", "--weights", sd, "--out", tmp / "out.jpg"], "must be a .png"),
+    "missing lora": (lambda sd, tmp: ["x", "--weights", sd, "--lora", tmp / "none.safetensors"], "not found"),
+    "fp16 on the cpu": (lambda sd, tmp: ["x", "--weights", sd, "--dtype", "fp16"], "needs CUDA"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(tiny_sd, tmp_path, capsys, case):
+    make_argv, message = BAD_INPUTS[case]
+    (tmp_path / "file.txt").write_text("a regular file\n")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([str(a) for a in make_argv(tiny_sd, tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_no_weights_and_no_default_model_says_where_to_get_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tmp_path / "weights" / "mini")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["a red cube", "--out", str(tmp_path / "out.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no --weights given" in err and "Download Stable Diffusion 1.5" in err and "--weights PATH" in err
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--weights", "--lora", "--negative", "--steps", "--cfg", "--seed", "--sampler", "--height",
+                   "--batch", "--out", "--encoding", "--max-tokens", "--dtype", "segment encoding"):
+        assert option in text
+
+
+def test_command_line_error_is_one_line_and_exit_status_2(tmp_path):
+    """As a real process, so the exit status and the absence of a traceback are what a user sees."""
+    argv = ["a red cube", "--weights", tmp_path / "nowhere", "--out", tmp_path / "out.png"]
+    bad = subprocess.run([sys.executable, "sample.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and "not found" in bad.stderr and "Traceback" not in bad.stderr
