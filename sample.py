@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--lora", type=Path, default=None, help="a LoRA .safetensors written by train.py")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5); 1 or less turns guidance off, as in diffusers")
+    p.add_argument("--cfg", type=float, default=7.5,
+                   help="classifier-free guidance scale (default 7.5); 1 or less turns guidance off, as in diffusers")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim",
                    help="DDIM (eta 0) or DPM-Solver++(2M), which is good in 20-25 steps")
