@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 import sys
 import time
 import warnings
@@ -515,8 +516,17 @@ def run_eval_shapes(args, scorer: Scorer, direction: torch.Tensor | None) -> Non
     table, eta = retrieval_table(scorer, real_features, captions, direction)
     stats = caption_statistics(examples, scorer.tokenizer)
 
+    output = args.output or Path(EVAL_FILE)
     results = []
     for row in rows:
+        # Each row's numbers are kept beside the output, so a stopped run (or several processes, one per row)
+        # picks up finished rows instead of generating them again.
+        cache = output.parent / f"{output.name}.rows" / f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', row.name)}.json"
+        settings = {"path": str(row.path.resolve()), "encoding": row.encoding, "scenes": args.scenes,
+                    "steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed, "scorer": scorer.name}
+        if cache.is_file() and json.loads(cache.read_text())["settings"] == settings:
+            results.append(json.loads(cache.read_text())["result"])
+            continue
         started = time.time()
         pipe = load_row_pipeline(row, args.lora_base, args.device)
         images = generate(pipe, captions, row.encoding, scene_noise(args.scenes, pipe.vae, args.seed), args)
@@ -525,9 +535,10 @@ def run_eval_shapes(args, scorer: Scorer, direction: torch.Tensor | None) -> Non
         results.append({"name": row.name, **fact_accuracy(images, examples),
                         "fd": frechet_distance(features, real_features), "original": original,
                         "relevant": relevant})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"settings": settings, "result": results[-1]}))
         print(f"{row.name}: facts {results[-1]['all']:.1f}%, {time.time() - started:.0f} s", file=sys.stderr)
     markdown = eval_markdown(args, results, stats, table, eta, fd_real)
-    output = args.output or Path(EVAL_FILE)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown, encoding="utf-8")
     print(markdown)

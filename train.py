@@ -123,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "outputs then hold the EMA weights")
     g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; trained weights always stay fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute UNet (and, for reward, VAE decoder) blocks in backward to save memory")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute UNet (and, for reward, VAE) blocks in backward to save memory (default: on "
+                        "for reward, whose 512² VAE decode with gradient needs it; off otherwise)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--device", help="default: the GPU of this rank, else cpu")
@@ -162,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.resolution is None:
         args.resolution = 64 if args.data == "shapes" else 512
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = args.stage == "reward"
     if args.stage in ("clip", "vae") and args.from_scratch is None:
         args.from_scratch = "tiny"
     return args
@@ -467,7 +470,7 @@ def dtype_of(module: nn.Module) -> torch.dtype:
 def sft_loss(unet, vae, encoder, schedule, images, captions, posterior_noise, noise, timesteps) -> torch.Tensor:
     """Stage 1 (FACTS.md §1): the ε-prediction MSE of DDPM ("L_simple") on VAE latents of the images.
 
-        z = 0.18215 · (a sample of the VAE posterior),   x_t = α_t·z + σ_t·ε,   loss = mean |ε − unet(x_t, t, c)|²
+        z = 0.18215 · (a VAE posterior sample),   x_t = α_t·z + σ_t·ε,   loss = mean |ε − unet(x_t, t, c)|²
 
     with c the segment-level context of the caption (frozen text encoder, LongAlign §3).
     """
@@ -906,8 +909,8 @@ SETUPS = {"sft": setup_sft, "reward": setup_reward, "clip": setup_clip, "vae": s
 
 def rng_states(generator: torch.Generator) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)  # torch.load-safe
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "train": generator.get_state()}
 
@@ -986,7 +989,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 @contextlib.contextmanager
 def ema_weights(training: Training):
-    """Swap the EMA weights in (for saving outputs), and the training weights back afterwards."""
+    """Swap the EMA weights in (for outputs and previews), and the training weights back afterwards."""
     if training.ema is None:
         yield
         return
@@ -1037,19 +1040,9 @@ def train_step(training: Training, batches, args, env: Env) -> dict[str, float]:
     return mean_over_ranks(logged, env)
 
 
-def main(argv=None) -> list[dict]:
-    """Run one stage; returns this run's metric records (also in OUT/metrics.jsonl)."""
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        env = setup_env(args)
-        seed_everything(args.seed)  # the same initial weights on every rank
-        stage = SETUPS[args.stage](args, env)
-        check_dataset_size(stage.dataset, args, env)
-    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
+def start_training(stage: Stage, args, env: Env) -> Training:
+    """The optimizer (AdamW), the schedule (linear warm-up, then constant), the fp16 loss scaler, the EMA and
+    the training generator; resumed from OUT/checkpoint.pt with --resume when there is one."""
     params = list(stage.trainable().values())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -1059,22 +1052,40 @@ def main(argv=None) -> list[dict]:
     training = Training(stage, optimizer, lr_schedule, scaler, torch.Generator().manual_seed(args.seed), ema)
 
     checkpoint_path, metrics_path = args.out / "checkpoint.pt", args.out / "metrics.jsonl"
-    signature = run_signature(args, env)
     if args.resume and checkpoint_path.exists():
-        training.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True), signature)
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        training.load_state_dict(state, run_signature(args, env))
         if env.main:
             keep_metrics_until(metrics_path, training.step)
             print(f"resumed {checkpoint_path} at step {training.step}")
     elif env.main:
         args.out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    for param in params:  # what DDP does at start: every rank begins from rank 0's weights
-        if env.world > 1:
+    if env.world > 1:  # what DDP does at start: every rank begins from rank 0's weights
+        for param in params:
             dist.broadcast(param.data, src=0)
     if env.main:
         print(f"{args.stage}: {sum(p.numel() for p in params):,} trained parameters, {len(stage.dataset):,} "
               f"examples, {env.world} × {args.batch_size} × {args.grad_accum} per step, {env.device}, "
               f"{env.half or torch.float32}")
+    return training
+
+
+def main(argv=None) -> list[dict]:
+    """Run one stage; returns this run's metric records (also in OUT/metrics.jsonl)."""
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        env = setup_env(args)
+        seed_everything(args.seed)  # the same initial weights on every rank
+        stage = SETUPS[args.stage](args, env)
+        check_dataset_size(stage.dataset, args, env)
+        training = start_training(stage, args, env)
+    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    checkpoint_path, metrics_path = args.out / "checkpoint.pt", args.out / "metrics.jsonl"
+    signature = run_signature(args, env)
 
     def save_all(final: bool) -> None:
         with ema_weights(training):
@@ -1097,7 +1108,8 @@ def main(argv=None) -> list[dict]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if stage.preview and args.sample_every and step % args.sample_every == 0:
-                    stage.preview(args.out / "samples" / f"step_{step:06d}.png")
+                    with ema_weights(training):
+                        stage.preview(args.out / "samples" / f"step_{step:06d}.png")
                 if step % args.save_every == 0 or step == args.steps or stop_now:
                     save_all(final=step == args.steps)
             if stop_now:

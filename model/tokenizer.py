@@ -147,12 +147,16 @@ class CLIPTokenizer:
             raise WeightsError(f"tokenizer folder not found: {path}. Pass an SD-1.5 folder or its tokenizer/ "
                                "subfolder (they hold vocab.json and merges.txt).")
         folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-        missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-        if missing:
-            raise WeightsError(f"no CLIP tokenizer in {folder}: missing {' and '.join(missing)}. Pass an SD-1.5 "
-                               "folder or its tokenizer/ subfolder, or use CLIPTokenizer() for the bundled vocab.")
-        vocab = _read_vocab(folder / "vocab.json")
-        merges = _read_merges(folder / "merges.txt")
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _check_vocab(_read_json(folder / "vocab.json"), folder / "vocab.json")
+            merges = _parse_merges((folder / "merges.txt").read_text(encoding="utf-8").splitlines(),
+                                   folder / "merges.txt")
+        elif (folder / "tokenizer.json").is_file():  # what transformers 5 writes instead of the two files
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            raise WeightsError(f"no CLIP tokenizer in {folder}: expected vocab.json and merges.txt (or "
+                               "tokenizer.json). Pass an SD-1.5 folder or its tokenizer/ subfolder, or use "
+                               "CLIPTokenizer() for the bundled vocab.")
         try:
             return cls(vocab, merges)
         except Exception as err:  # the Rust library reports a merge whose parts are not in the vocabulary
@@ -203,28 +207,44 @@ class CLIPTokenizer:
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
 
-def _read_vocab(path: Path) -> dict[str, int]:
+def _read_json(path: Path):
     try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WeightsError(f"{path} is not valid JSON ({err}).") from None
+
+
+def _check_vocab(vocab, source: Path) -> dict[str, int]:
     if not isinstance(vocab, dict) or vocab.get(SOT_TEXT) != SOT or vocab.get(EOT_TEXT) != EOT:
-        raise WeightsError(f"{path} is not a CLIP vocabulary: it must map {SOT_TEXT} to {SOT} and {EOT_TEXT} "
+        raise WeightsError(f"{source} is not a CLIP vocabulary: it must map {SOT_TEXT} to {SOT} and {EOT_TEXT} "
                            f"to {EOT}.")
     symbols = list(bytes_to_unicode().values())
     lacking = [s for s in (*symbols, *(s + END_OF_WORD for s in symbols)) if s not in vocab]
     if lacking:
-        raise WeightsError(f"{path} is not a byte-level CLIP vocabulary: it lacks {len(lacking)} of the 512 "
+        raise WeightsError(f"{source} is not a byte-level CLIP vocabulary: it lacks {len(lacking)} of the 512 "
                            f"byte symbols, e.g. {lacking[:4]}.")
     return vocab
 
 
-def _read_merges(path: Path) -> tuple[tuple[str, str], ...]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if lines and lines[0].startswith("#version"):
+def _parse_merges(lines: list, source: Path) -> tuple[tuple[str, str], ...]:
+    """Merges given as "a b" lines (merges.txt, old tokenizer.json) or [a, b] pairs (newer tokenizer.json)."""
+    if lines and isinstance(lines[0], str) and lines[0].startswith("#version"):
         lines = lines[1:]
-    merges = tuple(tuple(line.split()) for line in lines if line.strip())
+    merges = tuple(tuple(line.split()) if isinstance(line, str) else tuple(line) for line in lines
+                   if not isinstance(line, str) or line.strip())
     bad = next((m for m in merges if len(m) != 2), None)
     if bad is not None:
-        raise WeightsError(f"{path}: every line must hold two symbols separated by a space; found {' '.join(bad)!r}")
+        raise WeightsError(f"{source}: every merge must hold two symbols; found {' '.join(bad)!r}")
     return merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """The BPE vocab and merges inside a `tokenizers` file; the cleanup and splitting stay ours (OpenAI's)."""
+    bpe = _read_json(path).get("model", {})
+    if bpe.get("type") != "BPE" or "vocab" not in bpe or "merges" not in bpe:
+        raise WeightsError(f"{path} does not hold a BPE model with a vocab and merges.")
+    vocab = dict(bpe["vocab"])
+    # the vocab inside tokenizer.json may leave out the added special tokens; they have fixed ids in CLIP
+    vocab.setdefault(SOT_TEXT, SOT)
+    vocab.setdefault(EOT_TEXT, EOT)
+    return _check_vocab(vocab, path), _parse_merges(bpe["merges"], path)

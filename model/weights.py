@@ -468,7 +468,7 @@ def _read_component(path: Path, component: str) -> tuple[dict[str, torch.Tensor]
     if not _is_single_file(state):
         expected_class = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[component]
         if hf_config is not None and hf_config.get("_class_name", expected_class) != expected_class:
-            raise WeightsError(f"{path} holds a {hf_config['_class_name']} (its config.json says so), not the "
+            raise WeightsError(f"{path} holds {hf_config['_class_name']} (its config.json says so), not the "
                                f"{expected_class} expected here. Pass the {component}/ folder.")
         return state, hf_config, "diffusers"
     state = with_prefix(state, prefix)
@@ -759,7 +759,10 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.exists():
         raise WeightsError(f"SD-1.5 weights not found: {path}. Pass a diffusers SD-1.5 folder (with unet/, vae/, "
                            "text_encoder/, tokenizer/) or an original single-file checkpoint (.safetensors/.ckpt).")
-    tokenizer = CLIPTokenizer() if detect_single_file(path) else CLIPTokenizer.from_pretrained(path / "tokenizer")
+    if path.is_file() and not detect_single_file(path):
+        raise WeightsError(f"{path} is not a whole SD-1.5 checkpoint (it has no model.diffusion_model.* UNet keys). "
+                           "Pass the diffusers folder that holds it, or the original single-file checkpoint.")
+    tokenizer = CLIPTokenizer() if path.is_file() else CLIPTokenizer.from_pretrained(path / "tokenizer")
     pipeline = Pipeline(tokenizer, load_text_encoder(path, dtype, device), load_unet(path, dtype, device),
                         load_vae(path, dtype, device))
     if pipeline.text_encoder.hidden_size != pipeline.unet.config.cross_attention_dim:

@@ -4,6 +4,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test models are tiny: one thread avoids thread start-up costing more than the maths (also in the
+# subprocesses the tests start, which inherit this environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the environment above)
+
+torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -74,12 +74,17 @@ def test_fact_accuracy_of_real_renders_is_near_perfect():
 def test_eval_shapes_writes_the_table(tiny_models, tmp_path, capsys):
     out = tmp_path / "eval.md"
     pipe = tiny_models / "pipeline"
-    code = score.main(["--eval-shapes", "--scenes", "3", "--sample-steps", "2", "--batch-size", "2",
-                       "--scorer", str(tiny_models / "scorer"), "--row", f"truncate={pipe}:truncate",
-                       "--row", f"segment={pipe}", "-o", str(out), "--device", "cpu"])
-    assert code == 0
+    argv = ["--eval-shapes", "--scenes", "3", "--sample-steps", "2", "--batch-size", "2",
+            "--scorer", str(tiny_models / "scorer"), "--row", f"truncate={pipe}:truncate",
+            "--row", f"segment={pipe}", "-o", str(out), "--device", "cpu"]
+    assert score.main(argv) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    # Finished rows are cached beside the table; a rerun reuses them and writes the same table.
+    assert sorted(p.name for p in (tmp_path / "eval.md.rows").iterdir()) == ["segment.json", "truncate.json"]
+    out.unlink()
+    assert score.main(argv) == 0
+    assert out.read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| truncate") or line.startswith("| segment")]
     assert len(rows) == 2
     for row in rows:

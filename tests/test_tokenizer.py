@@ -247,15 +247,25 @@ def test_from_pretrained_round_trip(tok, saved_folder, where):
         assert loaded.encode(text) == tok.encode(text)
 
 
+def test_from_pretrained_reads_a_transformers5_tokenizer_json(tok, hf, tmp_path):
+    """transformers 5 re-saves a CLIP tokenizer as tokenizer.json only; its vocab and merges must load."""
+    hf.save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert loaded.vocab == tok.vocab and loaded.merges == tok.merges
+    for text in CASES:
+        assert loaded.encode(text) == tok.encode(text)
+
+
 def test_from_pretrained_errors(tok, tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         CLIPTokenizer.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(WeightsError, match="missing vocab.json and merges.txt"):
+    with pytest.raises(WeightsError, match="expected vocab.json and merges.txt"):
         CLIPTokenizer.from_pretrained(tmp_path)
 
     tok.save_pretrained(tmp_path)
     (tmp_path / "merges.txt").unlink()
-    with pytest.raises(WeightsError, match="missing merges.txt"):
+    with pytest.raises(WeightsError, match="expected vocab.json and merges.txt"):
         CLIPTokenizer.from_pretrained(tmp_path)
 
     (tmp_path / "merges.txt").write_text("#version: 0.2\nzzqq xxyy\n", encoding="utf-8")

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import sample
 import train
 from model.clip import CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig
 from model.diffusion import DDIMSampler, NoiseSchedule
 from model.lora import inject_lora, load_lora, lora_layers, lora_state_dict, merge_and_unload
-from model.preference import KINDS, Scorer, load_direction
+from model.preference import Scorer, load_direction
+from model.tokenizer import CLIPTokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
 from model.weights import load_clip, load_text_encoder, load_unet, load_vae, save_unet_diffusers, save_vae_diffusers
@@ -34,6 +36,7 @@ CAPTION = ("A red cube number {i} sits on a wooden table. It casts a long shadow
 def build_tiny_world(root):
     """A tiny SD-style pipeline folder, a tiny scorer, 8 captioned images and a prompt file under ``root``."""
     torch.manual_seed(0)
+    CLIPTokenizer().save_pretrained(root / "pipe" / "tokenizer")
     train.save_text_encoder(CLIPTextModel(TEXT).text_model, root / "pipe" / "text_encoder")
     save_unet_diffusers(UNet2DConditionModel(UNET_CONFIGS["tiny"]), root / "pipe" / "unet")  # context width 32
     save_vae_diffusers(AutoencoderKL(VAE_CONFIGS["tiny"]), root / "pipe" / "vae")
@@ -89,6 +92,9 @@ def test_sft_lora_trains_and_is_loadable(world, tmp_path):
     x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 240, 32)
     with torch.no_grad():
         assert not torch.allclose(base(x, 500, context), tuned(x, 500, context))
+    sample.main([CAPTION.format(i=0), "--weights", str(world / "pipe"), "--lora", str(tmp_path / "lora.safetensors"),
+                 "--steps", "2", "--height", "16", "--width", "16", "--out", str(tmp_path / "sample.png")])
+    assert Image.open(tmp_path / "sample.png").size == (16, 16)
 
 
 def test_sft_full_writes_unet_previews_and_a_loadable_export(world, tmp_path):
@@ -184,7 +190,7 @@ def run_reward(p, grad_steps, omega=0.3):
 def test_reward_gradient_reaches_only_lora_and_only_through_the_k_steps(reward_parts):
     unet = reward_parts["unet"]
     calls = []  # (grad enabled, input latent requires grad) for every UNet forward
-    unet.register_forward_pre_hook(lambda module, inputs: calls.append((torch.is_grad_enabled(), inputs[0].requires_grad)))
+    unet.register_forward_pre_hook(lambda _, inputs: calls.append((torch.is_grad_enabled(), inputs[0].requires_grad)))
     assert train.gradient_steps(50, 10, 3) == {3, 13, 23, 33, 43}
     grad_steps = train.gradient_steps(4, 2, 1)  # {1, 3}
     loss, _, _ = run_reward(reward_parts, grad_steps)
@@ -213,7 +219,7 @@ def test_reward_gradient_flows_through_the_linear_ddim_steps(reward_parts):
 
 @pytest.mark.parametrize("omega", [0.0, 0.3, 1.0])
 def test_omega_sets_the_gradient_along_v_at_the_image_embedding(reward_parts, omega):
-    """∂score/∂C_X = T' = C_P⊥ + ω·η·V, so its component along V is ω·η: zero for ω = 0 (LongAlign §4)."""
+    """∂score/∂C_X = T' = C_P⊥ + ω·η·V: its component along V is ω·η, zero for ω = 0 (LongAlign §4)."""
     scorer, encoded = reward_parts["scorer"], reward_parts["encoded"]
     images = torch.rand(2, 3, 16, 16, requires_grad=True)
     direction = F.normalize(torch.randn(scorer.embed_dim), dim=0)
@@ -221,8 +227,8 @@ def test_omega_sets_the_gradient_along_v_at_the_image_embedding(reward_parts, om
                                            torch.Generator().manual_seed(0))
     embeddings.retain_grad()
     train.reward_loss(parts).backward()
-    # The kernel normalizes x: g_x = (I − C_X C_Xᵀ)·∂L/∂C_X / |x|. With ∂L/∂C_X = −T'/(2B) and C_X·T' = score,
-    # T' = −2B·|x|·g_x + score·C_X recovers the gradient at the normalized embedding exactly.
+    # The kernel normalizes x: g_x = (I − C_X C_Xᵀ)·∂L/∂C_X / |x|, and ∂L/∂C_X = −T'/(2B), C_X·T' = score,
+    # so T' = −2B·|x|·g_x + score·C_X recovers the gradient at the normalized embedding exactly.
     x = embeddings.detach()
     unit = F.normalize(x, dim=-1)
     text_grad = -2 * len(x) * x.norm(dim=-1, keepdim=True) * embeddings.grad + parts.score.detach()[:, None] * unit
@@ -257,6 +263,9 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(world, tmp_path, monkey
     with pytest.raises(SystemExit) as refused:  # no silent overwrite of a run
         train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra))
     assert refused.value.code == 2
+    with pytest.raises(SystemExit) as changed:  # another global batch would read other data: refused too
+        train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra, "--resume", "--batch-size", "4"))
+    assert changed.value.code == 2
     resumed = train.main(tiny_args(world, tmp_path / "resumed", "sft", *extra, "--resume"))
 
     assert [r["step"] for r in resumed] == [3, 4]

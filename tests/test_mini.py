@@ -1,0 +1,67 @@
+"""The shipped miniature, weights/mini (issue 7): it loads in the layouts the scripts read, fits the size
+budget, and samples a 64×64 image of the shapes world, both through the library and through sample.py."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+from model.diffusion import DPMSolverSampler, NoiseSchedule, sample_loop
+from model.longtext import LongPromptEncoder
+from model.preference import Scorer, load_direction
+from model.weights import load_pipeline
+
+MINI = Path(__file__).resolve().parent.parent / "weights" / "mini"
+BUDGET_BYTES = 25 * 1024 * 1024  # issue 7: the shipped miniature takes at most 25 MB
+CAPTION = data.shapes_example("test", 0)[1]
+
+
+def test_the_shipped_folder_is_complete_and_within_budget():
+    for part in ("tokenizer/vocab.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                 "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "scorer/config.json", "scorer/model.safetensors",
+                 "scorer/direction.safetensors"):
+        assert (MINI / part).is_file(), part
+    assert sum(f.stat().st_size for f in MINI.rglob("*") if f.is_file()) <= BUDGET_BYTES
+
+
+def test_the_shipped_pipeline_samples_a_shapes_image():
+    pipe = load_pipeline(MINI, dtype=torch.float32, device="cpu")
+    assert pipe.text_encoder.hidden_size == pipe.unet.config.cross_attention_dim
+    encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    with torch.no_grad():
+        cond, uncond = encoder([CAPTION]), encoder([""])
+    side = data.CANVAS // pipe.vae.downsample_factor
+    noise = torch.randn((1, pipe.vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(0))
+    latents = sample_loop(pipe.unet, DPMSolverSampler(NoiseSchedule(), 4), noise, cond, uncond, 3.0, progress=False)
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.scaling_factor)
+    assert image.shape == (1, 3, data.CANVAS, data.CANVAS)
+    assert torch.isfinite(image).all()
+
+
+def test_the_shipped_scorer_loads_with_its_direction():
+    scorer = Scorer.load(MINI / "scorer")
+    direction = load_direction(MINI / "scorer" / "direction.safetensors", scorer.embed_dim)
+    render = data.render(data.shapes_example("test", 0)[0])
+    parts = scorer.score([render], [CAPTION], direction)
+    assert torch.allclose(parts.original, parts.relevant + parts.irrelevant, atol=1e-5)
+
+
+def test_sample_py_with_no_weights_flag_uses_the_miniature(tmp_path, capsys):
+    out = tmp_path / "mini.png"
+    sample.main([CAPTION, "--steps", "4", "--out", str(out)])
+    image = Image.open(out)
+    assert image.size == (data.CANVAS, data.CANVAS)
+    assert np.asarray(image.convert("RGB")).std() > 0  # not a blank canvas
+    assert "shapes world" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a dog on a beach"])
+def test_a_prompt_outside_the_world_still_gives_an_image(tmp_path, prompt):
+    out = tmp_path / "dog.png"
+    sample.main([prompt, "--steps", "2", "--out", str(out)])
+    assert Image.open(out).size == (data.CANVAS, data.CANVAS)
