@@ -66,8 +66,9 @@ from model.preference import KINDS, Scorer, batch_direction, fit_direction, load
 from model.tokenizer import CLIPTokenizer, frame
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
-from model.weights import (load_text_encoder, load_unet, load_vae, read_state_dict, save_state_dict,
-                           save_unet_diffusers, save_vae_diffusers)
+from model.weights import (load_text_encoder, load_unet, load_vae, read_state_dict, save_clip_model,
+                           save_state_dict, save_text_encoder, save_unet_diffusers, save_vae_diffusers,
+                           write_pipeline_files)
 
 STAGES = ("sft", "reward", "clip", "vae")
 # Defaults that differ by stage. sft and reward follow the official run (FACTS.md §1: lr 3e-5, 2000 warm-up
@@ -589,55 +590,6 @@ def vae_loss(vae: AutoencoderKL, images, posterior_noise, kl_weight: float):
 # ----------------------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------------------
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def text_config_json(cfg) -> dict:
-    """transformers' CLIPTextConfig fields for our TextConfig."""
-    return {"hidden_size": cfg.width, "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.layers,
-            "num_attention_heads": cfg.heads, "max_position_embeddings": cfg.max_positions,
-            "vocab_size": cfg.vocab_size, "hidden_act": cfg.act, "layer_norm_eps": 1e-5,
-            "bos_token_id": 49406, "eos_token_id": cfg.eot_id, "pad_token_id": 1}
-
-
-def save_text_encoder(text_model, folder: Path) -> None:
-    """An SD-style ``text_encoder/`` folder (transformers CLIPTextModel layout) for a CLIPTextTransformer."""
-    state = {f"text_model.{key}": value for key, value in text_model.state_dict().items()}
-    save_state_dict(state, folder / "model.safetensors")
-    write_json(folder / "config.json", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                                        **text_config_json(text_model.config)})
-
-
-def save_clip_model(model: CLIPModel, folder: Path) -> None:
-    """A transformers CLIPModel folder (model.safetensors + config.json), the layout load_clip reads."""
-    vision = model.config.vision
-    save_state_dict(model.state_dict(), folder / "model.safetensors")
-    write_json(folder / "config.json", {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": model.config.projection_dim,
-        "logit_scale_init_value": math.log(1 / 0.07), "text_config": text_config_json(model.config.text),
-        "vision_config": {"hidden_size": vision.width, "intermediate_size": vision.mlp,
-                          "num_hidden_layers": vision.layers, "num_attention_heads": vision.heads,
-                          "patch_size": vision.patch_size, "image_size": vision.image_size,
-                          "hidden_act": vision.act, "layer_norm_eps": 1e-5, "num_channels": 3}})
-
-
-def write_pipeline_files(folder: Path) -> None:
-    """model_index.json and the SD-1.5 scheduler config (FACTS.md §2) that make a diffusers pipeline folder."""
-    write_json(folder / "scheduler" / "scheduler_config.json", {
-        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
-        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"})
-    write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-
 
 def stack_loras(first: dict, second: dict) -> dict:
     """One LoRA file that applies ``first`` and then ``second`` (its rank is the sum of theirs).

@@ -8,14 +8,21 @@ together with the layout we detected, never as a bare traceback from deep inside
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from model.clip import CONFIGS, CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig
+from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, UNetConfig
+from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, VAEConfig
 
 
 class WeightsError(ValueError):
@@ -155,9 +162,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
 # SD-1.5's text encoder and the scorers' CLIPModel (FACTS.md §2 "Public file layouts", §3). The transformers
 # layout loads as it is; the original single-file layout only needs its prefix removed; open_clip is renamed
 # by the short rule set below. The config is read off the tensor shapes.
-import math  # noqa: E402
 
-from model.clip import CONFIGS, CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig  # noqa: E402
 
 TRANSFORMERS_CLIP_FILES = ["model.safetensors", "pytorch_model.bin"]
 OPEN_CLIP_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]  # as laion's CLIP-H repo has
@@ -359,13 +364,8 @@ def _empty(model_class, cfg, device) -> torch.nn.Module:
 # ``unet/`` or ``vae/`` subfolder, the weights file itself, or the original single-file checkpoint. The
 # original (ldm) names are turned into diffusers names by the short rule sets below; the config comes from
 # config.json when there is one, else from the tensor shapes.
-import re  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
-from safetensors import safe_open  # noqa: E402
 
-from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, UNetConfig  # noqa: E402
-from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, VAEConfig  # noqa: E402
 
 DIFFUSERS_MODEL_FILES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                          "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
@@ -729,7 +729,7 @@ def _save_diffusers(model: torch.nn.Module, folder: str | os.PathLike, config: d
                            "merge LoRA (model/lora.py) before saving in the diffusers layout.")
     try:
         save_state_dict(state, folder / "diffusion_pytorch_model.safetensors")
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(folder / "config.json", config)
     except OSError as err:
         raise WeightsError(f"cannot write to {folder} ({err}). Pick a folder you can write to.") from None
 
@@ -770,3 +770,55 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None,
                            f"{pipeline.text_encoder.hidden_size}-wide states but the UNet reads "
                            f"{pipeline.unet.config.cross_attention_dim}-wide context.")
     return pipeline
+
+
+# ---- Writing CLIP models and pipeline folders in the public layouts ----
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically, like save_state_dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def text_config_json(cfg) -> dict:
+    """transformers' CLIPTextConfig fields for our TextConfig."""
+    return {"hidden_size": cfg.width, "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads, "max_position_embeddings": cfg.max_positions,
+            "vocab_size": cfg.vocab_size, "hidden_act": cfg.act, "layer_norm_eps": 1e-5,
+            "bos_token_id": 49406, "eos_token_id": cfg.eot_id, "pad_token_id": 1}
+
+
+def save_text_encoder(text_model, folder: Path) -> None:
+    """An SD-style ``text_encoder/`` folder (transformers CLIPTextModel layout) for a CLIPTextTransformer."""
+    state = {f"text_model.{key}": value for key, value in text_model.state_dict().items()}
+    save_state_dict(state, folder / "model.safetensors")
+    write_json(folder / "config.json", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                                        **text_config_json(text_model.config)})
+
+
+def save_clip_model(model: CLIPModel, folder: Path) -> None:
+    """A transformers CLIPModel folder (model.safetensors + config.json), the layout load_clip reads."""
+    vision = model.config.vision
+    save_state_dict(model.state_dict(), folder / "model.safetensors")
+    write_json(folder / "config.json", {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": model.config.projection_dim,
+        "logit_scale_init_value": math.log(1 / 0.07), "text_config": text_config_json(model.config.text),
+        "vision_config": {"hidden_size": vision.width, "intermediate_size": vision.mlp,
+                          "num_hidden_layers": vision.layers, "num_attention_heads": vision.heads,
+                          "patch_size": vision.patch_size, "image_size": vision.image_size,
+                          "hidden_act": vision.act, "layer_norm_eps": 1e-5, "num_channels": 3}})
+
+
+def write_pipeline_files(folder: Path) -> None:
+    """model_index.json and the SD-1.5 scheduler config (FACTS.md §2) that make a diffusers pipeline folder."""
+    write_json(folder / "scheduler" / "scheduler_config.json", {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"})
+    write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})

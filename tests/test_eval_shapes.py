@@ -6,7 +6,7 @@ import torch
 
 import data
 import score
-import train
+from model import weights
 from model.clip import CONFIGS as CLIP_CONFIGS, CLIPModel
 from model.preference import KINDS, Scorer, fit_direction, save_direction
 from model.tokenizer import CLIPTokenizer
@@ -21,7 +21,7 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     torch.manual_seed(0)
     clip = CLIPModel(CLIP_CONFIGS["tiny"])
-    train.save_clip_model(clip, root / "scorer")
+    weights.save_clip_model(clip, root / "scorer")
     tokenizer = CLIPTokenizer()
     scorer = Scorer(clip, KINDS["clip"], tokenizer)
     prompts = [caption for _, caption in data.shapes_split("train", 8)]
@@ -29,7 +29,7 @@ def tiny_models(tmp_path_factory):
                    scorer, len(prompts))
 
     pipe = root / "pipeline"
-    train.save_text_encoder(clip.text_model, pipe / "text_encoder")
+    weights.save_text_encoder(clip.text_model, pipe / "text_encoder")
     tokenizer.save_pretrained(pipe / "tokenizer")
     width = CLIP_CONFIGS["tiny"].text.width
     save_unet_diffusers(UNet2DConditionModel(dataclasses.replace(UNET_CONFIGS["tiny"], cross_attention_dim=width)),
@@ -37,7 +37,7 @@ def tiny_models(tmp_path_factory):
     # Three VAE levels (like the miniature's) give 16×16 latents, which keeps the UNet cheap.
     save_vae_diffusers(AutoencoderKL(dataclasses.replace(VAE_CONFIGS["tiny"], block_out_channels=(32, 32, 32))),
                        pipe / "vae")
-    train.write_pipeline_files(pipe)
+    weights.write_pipeline_files(pipe)
     return root
 
 

@@ -4,7 +4,6 @@ A tiny randomly initialised CLIPModel stands in for PickScore / Denscore: every 
 about how embeddings are combined, which does not depend on trained weights. Parity with transformers is
 in test_score_cli.py.
 """
-import os
 
 import pytest
 import torch

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
+from model import weights
 from model.clip import CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig
 from model.diffusion import DDIMSampler, NoiseSchedule
 from model.lora import inject_lora, load_lora, lora_layers, lora_state_dict, merge_and_unload
@@ -37,10 +38,10 @@ def build_tiny_world(root):
     """A tiny SD-style pipeline folder, a tiny scorer, 8 captioned images and a prompt file under ``root``."""
     torch.manual_seed(0)
     CLIPTokenizer().save_pretrained(root / "pipe" / "tokenizer")
-    train.save_text_encoder(CLIPTextModel(TEXT).text_model, root / "pipe" / "text_encoder")
+    weights.save_text_encoder(CLIPTextModel(TEXT).text_model, root / "pipe" / "text_encoder")
     save_unet_diffusers(UNet2DConditionModel(UNET_CONFIGS["tiny"]), root / "pipe" / "unet")  # context width 32
     save_vae_diffusers(AutoencoderKL(VAE_CONFIGS["tiny"]), root / "pipe" / "vae")
-    train.save_clip_model(CLIPModel(CLIPConfig(TEXT, VISION, projection_dim=16)), root / "scorer")
+    weights.save_clip_model(CLIPModel(CLIPConfig(TEXT, VISION, projection_dim=16)), root / "scorer")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     for i in range(8):
