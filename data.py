@@ -136,6 +136,9 @@ class CaptionImageDataset(torch.utils.data.Dataset):
 
 def read_manifest(path: Path) -> list[Record]:
     """Records of a JSONL manifest; image paths are relative to the manifest's folder (or absolute)."""
+    if not path.is_file():
+        raise ValueError(f"manifest not found: {path}. Pass a JSONL file with one "
+                         '{"image": "relative/path.png", "caption": "..."} object per line.')
     records = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):

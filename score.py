@@ -142,23 +142,7 @@ def read_text(path: Path, what: str) -> str:
 
 def read_prompts(path: Path) -> list[str]:
     """A prompt corpus: one prompt per line, or a .jsonl whose lines carry 'caption' or 'prompt'."""
-    lines = [line for line in read_text(path, "prompt list").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    return [record.get("caption") or record.get("prompt") or "" for record in read_jsonl(path, lines)]
-
-
-def read_jsonl(path: Path, lines: list[str]) -> list[dict]:
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CliError(f"{path} line {number} is not JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise CliError(f"{path} line {number} is not a JSON object")
-        records.append(record)
-    return records
+    return data.PromptDataset(path).prompts
 
 
 def collect_images(patterns: list[str]) -> list[Path]:
@@ -293,13 +277,11 @@ def run_fit_direction(args, scorer: Scorer) -> None:
 
 
 def run_retrieval(args, scorer: Scorer, direction: torch.Tensor | None) -> None:
-    records = read_jsonl(args.retrieval, [line for line in read_text(args.retrieval, "manifest").splitlines()
-                                          if line.strip()])
-    missing = [n for n, r in enumerate(records, 1) if not r.get("image") or not str(r.get("caption", "")).strip()]
-    if missing:
-        raise CliError(f"{args.retrieval} line {missing[0]} needs both \"image\" and \"caption\"")
-    paths = [args.retrieval.parent / r["image"] for r in records]
-    captions = [r["caption"] for r in records]
+    records = data.read_manifest(args.retrieval)
+    empty = next((r.image for r in records if not r.caption), None)
+    if empty is not None:
+        raise CliError(f"{args.retrieval}: the caption of {empty} is empty; every pair needs one")
+    paths, captions = [r.image for r in records], [r.caption for r in records]
     ks = parse_max_sentences(args.max_sentences, many=True)
 
     images = embed_images(scorer, paths, args.batch_size)  # the one pass over the images
