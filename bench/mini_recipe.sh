@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The miniature's full recipe (issue 7): the shipped weights/mini from nothing, on a CPU.
 #
-#     bash bench/mini_recipe.sh                 # every stage, in order
+#     bash bench/mini_recipe.sh                 # every stage (independent ones side by side)
 #     bash bench/mini_recipe.sh sft-segment     # one stage (or several, in the order given)
 #     nohup bash bench/mini_recipe.sh > runs/mini/recipe.log 2>&1 &
 #
-# Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1), ship, eval.
+# Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1; or reward-OMEGA), ship, eval.
+# With no arguments: clip ∥ vae, then sft-segment ∥ sft-truncate, then the three rewards, ship, eval.
 # Every stage is resumable: it runs with --resume, so rerunning the script after a stop continues from the
 # last checkpoint, and a finished stage only re-exports its outputs. Each stage logs to runs/mini/<stage>.log
 # and records its wall time in runs/mini/times.txt.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-600}
+SFT_STEPS=${SFT_STEPS:-2200}
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
 SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini
@@ -88,7 +89,7 @@ PY
 }
 
 stage_eval() {  # the README table: facts, Fréchet distance, Table 1 and η, on held-out scenes
-    local common=(--eval-shapes --scenes "$EVAL_SCENES" --scorer weights/mini/scorer -o "$RUNS/eval.md")
+    local common=(--eval-shapes --scenes "$EVAL_SCENES" --scorer "$PIPE/scorer" -o "$RUNS/eval.md")
     local rows=("truncate SFT=$RUNS/sft-truncate/pipeline:truncate"
                 "segment SFT=$RUNS/sft-segment/pipeline"
                 "segment SFT + reward ω=0=$RUNS/reward-0/pipeline"
@@ -120,8 +121,22 @@ stage() {
     esac
 }
 
+side_by_side() {  # independent stages as one-thread processes at once; fails if any of them fails
+    local pids=()
+    for name in "$@"; do
+        THREADS=1 bash "$0" "$name" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
 if [ $# -eq 0 ]; then
-    set -- clip vae sft-segment sft-truncate reward ship eval
+    side_by_side clip vae
+    side_by_side sft-segment sft-truncate
+    side_by_side reward-0 reward-0.3 reward-1
+    stage ship
+    stage eval
+    exit 0
 fi
 for name in "$@"; do
     stage "$name"

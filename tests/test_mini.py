@@ -3,7 +3,6 @@ budget, and samples a 64×64 image of the shapes world, both through the library
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -60,8 +59,7 @@ def test_sample_py_with_no_weights_flag_uses_the_miniature(tmp_path, capsys):
     assert "shapes world" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("prompt", ["a photo of a dog on a beach"])
-def test_a_prompt_outside_the_world_still_gives_an_image(tmp_path, prompt):
+def test_a_prompt_outside_the_world_still_gives_an_image(tmp_path):
     out = tmp_path / "dog.png"
-    sample.main([prompt, "--steps", "2", "--out", str(out)])
+    sample.main(["a photo of a dog on a beach", "--steps", "2", "--out", str(out)])
     assert Image.open(out).size == (data.CANVAS, data.CANVAS)
