@@ -9,6 +9,7 @@ Prompts over CLIP's 77 tokens are encoded segment by segment (LongAlign §3) and
 The PNG keeps the prompt and settings in a "parameters" text chunk, as other SD tools do.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ MINI_WORLD_NOTE = (
     "squares and triangles on a 3x3 grid). For real images pass --weights with a Stable Diffusion 1.5 folder or "
     "single-file checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hugging Face Hub)."
 )
+TRAINED_ENCODING_FILE = "longalign.json"  # train.py --export writes {"encoding": ..., "max_tokens": ...}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -51,8 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output PNG; with --batch N > 1, files are numbered NAME-0.png, NAME-1.png, ...")
     p.add_argument("--encoding", choices=["auto", "segment", "truncate", "chunk75", "keep-all", "no-sot"],
-                   default="auto", help="auto: LongAlign's segment encoding for prompts over 77 tokens, plain "
-                                        "77-token CLIP otherwise; the others force one strategy")
+                   default="auto", help="auto: the encoding the weights were fine-tuned with when train.py "
+                                        "recorded it (longalign.json), else LongAlign's segment encoding for "
+                                        "prompts over 77 tokens and plain 77-token CLIP otherwise; the others "
+                                        "force one strategy")
     p.add_argument("--max-tokens", type=int, default=240, help="context length of segment encoding (default 240)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="fp16 (default on CUDA), bf16, or fp32 (default and only choice on CPU)")
@@ -105,9 +109,24 @@ def weights_path(args) -> Path:
     return DEFAULT_WEIGHTS
 
 
-def choose_strategy(args, tokenizer) -> str:
-    """'auto' means the paper's segment concat for long prompts and plain CLIP for prompts that fit in 77."""
+def trained_encoding(weights: Path) -> str | None:
+    """The text encoding a LongAlign-trained UNet learned, recorded by ``train.py --export`` (else None)."""
+    record = weights / TRAINED_ENCODING_FILE
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())["encoding"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WeightsError(f"{record} is not a valid record of the training encoding ({err}); delete it or "
+                           "choose --encoding yourself.") from None
+
+
+def choose_strategy(args, tokenizer, trained: str | None) -> str:
+    """'auto': the encoding the weights were fine-tuned with, if they say; otherwise the paper's segment
+    concat for prompts over 77 tokens and plain CLIP, as SD-1.5 was trained, for prompts that fit."""
     if args.encoding == "auto":
+        if trained is not None:
+            return trained
         too_long = max(len(tokenizer.encode(text)) for text in (args.prompt, args.negative)) > 75
         return "concat" if too_long else "truncate"
     return "concat" if args.encoding == "segment" else args.encoding
@@ -153,7 +172,7 @@ def main(argv=None):
         if args.lora is not None:
             load_lora(pipe.unet, args.lora)
             merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
-        strategy = choose_strategy(args, pipe.tokenizer)
+        strategy = choose_strategy(args, pipe.tokenizer, trained_encoding(weights))
         encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
         schedule = NoiseSchedule()
         sampler = (DDIMSampler if args.sampler == "ddim" else DPMSolverSampler)(schedule, args.steps)

@@ -68,7 +68,7 @@ from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
 from model.weights import (load_text_encoder, load_unet, load_vae, read_state_dict, save_clip_model,
                            save_state_dict, save_text_encoder, save_unet_diffusers, save_vae_diffusers,
-                           write_pipeline_files)
+                           write_json, write_pipeline_files)
 
 STAGES = ("sft", "reward", "clip", "vae")
 # Defaults that differ by stage. sft and reward follow the official run (FACTS.md §1: lr 3e-5, 2000 warm-up
@@ -451,7 +451,7 @@ def fresh_unet(name: str, text_encoder, vae: AutoencoderKL, resolution: int) -> 
 def segment_encoder(args, tokenizer, text_encoder) -> LongPromptEncoder:
     """LongAlign §3's segment-level encoder (or the truncate baseline), quiet about dropped tokens: truncation
     is the point of the baseline, and a warning per long caption per step would bury the log."""
-    warnings.filterwarnings("ignore", message=r".*encoding with max_tokens=\d+ dropped tokens")
+    warnings.filterwarnings("ignore", message=r".*encoding into \d+ context rows dropped")
     return LongPromptEncoder(tokenizer, text_encoder, args.max_tokens, args.encoding)
 
 
@@ -697,6 +697,8 @@ def unet_outputs(unet, args, base_lora: dict | None) -> tuple[Callable, Callable
         tokenizer = CLIPTokenizer.from_pretrained(weights) if (weights / "tokenizer").is_dir() else CLIPTokenizer()
         tokenizer.save_pretrained(folder / "tokenizer")
         write_pipeline_files(folder)
+        # sample.py's --encoding auto reads this, so the UNet is sampled with the encoding it learned
+        write_json(folder / "longalign.json", {"encoding": args.encoding, "max_tokens": args.max_tokens})
 
     return save, export
 

@@ -6,6 +6,7 @@ config. It is saved with save_pretrained, and sample.py loads that folder. With 
 sampler, the PNG must equal diffusers' image to within 1/255 per pixel (fp32): the only differences allowed
 are float rounding (our schedule is float64, diffusers' float32) landing on the other side of a .5.
 """
+import json
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,17 @@ def test_long_prompt_uses_segment_encoding(tiny_sd, tmp_path, monkeypatch, capsy
     assert "encoding: concat, 10 segments" in capsys.readouterr().out
     assert contexts == [(2, 240, WIDTH)]  # [uncond; cond] under CFG, 240 rows, at the one step
     assert Image.open(out).text["parameters"].startswith(LONG_PROMPT + "\n")  # the prompt kept whole
+
+
+def test_auto_encoding_follows_what_the_weights_were_trained_with(tiny_sd, tmp_path, capsys):
+    """A short prompt gets plain CLIP, unless train.py recorded that the UNet learned segment encoding."""
+    weights = tmp_path / "trained"
+    shutil.copytree(tiny_sd, weights)
+    run_sample("a red fox", weights, tmp_path / "plain.png")
+    assert "encoding: truncate" in capsys.readouterr().out
+    (weights / sample.TRAINED_ENCODING_FILE).write_text(json.dumps({"encoding": "concat", "max_tokens": 240}))
+    run_sample("a red fox", weights, tmp_path / "segment.png")
+    assert "encoding: concat, 1 segments" in capsys.readouterr().out
 
 
 def test_empty_prompt_with_the_default_model(tiny_sd, tmp_path, monkeypatch, capsys):
