@@ -140,16 +140,12 @@ def read_manifest(path: Path) -> list[Record]:
         raise ValueError(f"manifest not found: {path}. Pass a JSONL file with one "
                          '{"image": "relative/path.png", "caption": "..."} object per line.')
     records = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            entry = _json_line(line, path, number)
-            missing = [key for key in ("image", "caption") if key not in entry]
-            if missing:
-                raise ValueError(f"{path} line {number}: missing key {' and '.join(map(repr, missing))}; every "
-                                 'line must look like {"image": "relative/path.png", "caption": "..."}.')
-            records.append(Record(path.parent / str(entry["image"]), str(entry["caption"]).strip()))
+    for number, entry in _json_lines(path):
+        missing = [key for key in ("image", "caption") if key not in entry]
+        if missing:
+            raise ValueError(f"{path} line {number}: missing key {' and '.join(map(repr, missing))}; every "
+                             'line must look like {"image": "relative/path.png", "caption": "..."}.')
+        records.append(Record(path.parent / str(entry["image"]), str(entry["caption"]).strip()))
     return records
 
 
@@ -166,6 +162,14 @@ def read_caption_folder(folder: Path) -> list[Record]:
 
 def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+
+
+def _json_lines(path: Path):
+    """(line number, JSON object) for every non-empty line of a JSONL file."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                yield number, _json_line(line, path, number)
 
 
 def _json_line(line: str, path: Path, number: int) -> dict:
@@ -203,16 +207,12 @@ class PromptDataset(torch.utils.data.Dataset):
 
 def _jsonl_prompts(path: Path) -> list[str]:
     prompts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            entry = _json_line(line, path, number)
-            key = next((k for k in ("caption", "prompt") if k in entry), None)
-            if key is None:
-                raise ValueError(f'{path} line {number}: needs a "caption" or "prompt" key.')
-            if str(entry[key]).strip():
-                prompts.append(str(entry[key]).strip())
+    for number, entry in _json_lines(path):
+        key = next((k for k in ("caption", "prompt") if k in entry), None)
+        if key is None:
+            raise ValueError(f'{path} line {number}: needs a "caption" or "prompt" key.')
+        if str(entry[key]).strip():
+            prompts.append(str(entry[key]).strip())
     return prompts
 
 
