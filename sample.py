@@ -188,15 +188,11 @@ def main(argv=None):
           f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
     with torch.no_grad():
         cond = encoder([args.prompt] * args.batch)
-        uncond = encoder([args.negative])
-    scale = args.cfg
-    if scale <= 1:
-        # As in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, which is what guiding
-        # the prompt towards itself with scale 1 gives (ε_c + 1·(ε_c − ε_c)).
-        uncond, scale = cond, 1.0
+        # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context
+        uncond = encoder([args.negative]) if args.cfg > 1 else None
 
     latents = initial_latents(args, pipe.vae.downsample_factor, height, width, device, dtype)
-    latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, scale)
+    latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, args.cfg)
     with torch.no_grad():
         images = to_images(pipe.vae.decode(latents / pipe.vae.scaling_factor))
 

@@ -226,10 +226,13 @@ def guided_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance: ε = ε_u + s·(ε_c − ε_u) (Ho & Salimans 2022, eq. 6).
 
     One batched UNet call on cat([uncond, cond]). x: [B, 4, h, w]; cond: [B, L, D]; uncond: [B or 1, L, D]
-    (a single empty-prompt embedding is shared by the batch). t: an int, a 0-d tensor, or a [B] tensor.
+    (a single empty-prompt embedding is shared by the batch), or None for no guidance (ε_c alone, one
+    UNet call, as diffusers does for scale <= 1). t: an int, a 0-d tensor, or a [B] tensor.
     x is cast to the context's dtype (the UNet's working dtype); the guided ε comes back in at least float32,
     because s = 7.5 amplifies rounding in ε_c − ε_u.
     """
+    if uncond is None:  # guidance off (diffusers' scale <= 1): the conditional ε alone, one UNet call
+        return _upcast(unet(x.to(cond.dtype), t, cond))
     same_tokens = cond.ndim == uncond.ndim == 3 and uncond.shape[1:] == cond.shape[1:]
     if not same_tokens or uncond.shape[0] not in (1, cond.shape[0]):
         raise ValueError(f"cond must be [B, L, D] and uncond [B or 1, L, D] with the same L and D; got "
