@@ -329,6 +329,12 @@ class EvalRow:
     encoding: str  # "segment" or "truncate"
 
 
+def last_change(path: Path) -> float:
+    """The newest modification time of a weights file, or of any file in a pipeline folder (links followed)."""
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
 def parse_row(spec: str) -> EvalRow:
     """'NAME=PATH[:ENCODING]' -> EvalRow; the name may hold '=' itself (ω=0.3), the path may not."""
     name, sep, rest = spec.rpartition("=")
@@ -511,9 +517,10 @@ def run_eval_shapes(args, scorer: Scorer, direction: torch.Tensor | None) -> Non
     results = []
     for row in rows:
         # Each row's numbers are kept beside the output, so a stopped run (or several processes, one per row)
-        # picks up finished rows instead of generating them again.
+        # picks up finished rows instead of generating them again; retrained weights make the cache stale.
         cache = output.parent / f"{output.name}.rows" / f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', row.name)}.json"
-        settings = {"version": 2, "path": str(row.path.resolve()), "encoding": row.encoding,
+        settings = {"version": 3, "path": str(row.path.resolve()), "weights_changed": last_change(row.path),
+                    "encoding": row.encoding,
                     "scenes": args.scenes, "steps": args.sample_steps, "cfg": args.cfg, "seed": args.seed,
                     "scorer": scorer.name}
         if cache.is_file() and json.loads(cache.read_text())["settings"] == settings:

@@ -1,5 +1,6 @@
 """score.py --eval-shapes: the miniature's evaluation table (issue 7), on tiny random models."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -85,6 +86,13 @@ def test_eval_shapes_writes_the_table(tiny_models, tmp_path, capsys):
     out.unlink()
     assert score.main(argv) == 0
     assert out.read_text() == text
+    # Retrained weights (a newer file in the pipeline folder) make the cached row stale: it is generated again.
+    cached = (tmp_path / "eval.md.rows" / "segment.json").read_text()
+    unet_file = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    later = unet_file.stat().st_mtime + 60
+    os.utime(unet_file, (later, later))
+    assert score.main(argv) == 0
+    assert (tmp_path / "eval.md.rows" / "segment.json").read_text() != cached
     rows = [line for line in text.splitlines() if line.startswith("| truncate") or line.startswith("| segment")]
     assert len(rows) == 2
     for row in rows:
