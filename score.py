@@ -330,8 +330,9 @@ class EvalRow:
 
 
 def last_change(path: Path) -> float:
-    """The newest modification time of a weights file, or of any file in a pipeline folder (links followed)."""
-    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    """The newest modification time of a weights file, or of any file in a pipeline folder (links followed);
+    0 for a missing path (loading it then reports the problem)."""
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path] if path.exists() else []
     return max((f.stat().st_mtime for f in files), default=0.0)
 
 
