@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.clip import CONFIGS, CLIPConfig, CLIPModel, CLIPTextModel, TextConfig, VisionConfig
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, UNetConfig
@@ -36,15 +36,19 @@ class WeightsError(ValueError):
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read one weights file: safetensors, or a torch pickle through ``weights_only=True`` only."""
+def read_state_dict(path: str | os.PathLike, only_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Read one weights file: safetensors, or a torch pickle through ``weights_only=True`` only.
+
+    ``only_prefix``: when a safetensors file has keys that start with it, read just those (one model out of a
+    4 GB single-file checkpoint); otherwise, and for pickles, read everything.
+    """
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights file not found: {path}. Check the path you passed.")
     if path.is_dir():
         raise WeightsError(f"expected a weights file but got a folder: {path}")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, only_prefix)
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise WeightsError(
@@ -53,9 +57,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, only_prefix: str | None) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as file:
+            keys = list(file.keys())
+            wanted = [k for k in keys if only_prefix and k.startswith(only_prefix)] or keys
+            return {k: file.get_tensor(k) for k in wanted}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsError(
             f"{path} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
@@ -210,7 +217,7 @@ def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if (path / "text_encoder").is_dir():
         path = path / "text_encoder"
-    state, hf_config = _read_weights(path, TRANSFORMERS_CLIP_FILES, "text encoder")
+    state, hf_config = _read_weights(path, TRANSFORMERS_CLIP_FILES, "text encoder", SD_TEXT_ENCODER_PREFIX)
     if any(k.startswith(SD_TEXT_ENCODER_PREFIX) for k in state):
         layout, hf_config = "sd-single-file", None
         state = with_prefix(state, SD_TEXT_ENCODER_PREFIX)
@@ -344,12 +351,14 @@ def _count_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _read_weights(path: Path, names: list[str], what: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_weights(path: Path, names: list[str], what: str,
+                  single_file_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The state dict at ``path`` (a weights file, or a folder holding one of ``names``) and the config.json
-    beside it, if any."""
+    beside it, if any. Of an original single-file safetensors checkpoint only the keys under
+    ``single_file_prefix`` are read."""
     if path.is_dir():
         path = find_file(path, names, what)
-    return read_state_dict(path), read_config(path.parent)
+    return read_state_dict(path, single_file_prefix), read_config(path.parent)
 
 
 def _empty(model_class, cfg, device) -> torch.nn.Module:
@@ -463,8 +472,8 @@ def _read_component(path: Path, component: str) -> tuple[dict[str, torch.Tensor]
     """
     if (path / component).is_dir():
         path = path / component
-    state, hf_config = _read_weights(path, DIFFUSERS_MODEL_FILES, component.upper())
     prefix = SINGLE_FILE_PREFIXES[component]
+    state, hf_config = _read_weights(path, DIFFUSERS_MODEL_FILES, component.upper(), prefix)
     if not _is_single_file(state):
         expected_class = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[component]
         if hf_config is not None and hf_config.get("_class_name", expected_class) != expected_class:

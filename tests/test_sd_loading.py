@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from model import weights
 from model.weights import (WeightsError, detect_single_file, load_pipeline, load_unet, load_vae,
                            save_unet_diffusers, save_vae_diffusers)
 from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG, relative_error
@@ -173,6 +174,25 @@ def test_original_single_file(reference, single_file_state, tmp_path, suffix):
     assert detect_single_file(path)
     assert_unet_matches(load_unet(path), reference[0])
     assert_vae_matches(load_vae(path), reference[1])
+
+
+def test_each_model_reads_only_its_own_keys_of_a_single_file(reference, single_file_state, tmp_path, monkeypatch):
+    """A 4 GB single file is read once in all, not once whole per model: each loader fetches its prefix only."""
+    path = tmp_path / "tiny-sd.safetensors"
+    save_file(single_file_state, str(path))
+    vae_keys = {k for k in single_file_state if k.startswith("first_stage_model.")}
+    assert set(weights.read_state_dict(path, "first_stage_model.")) == vae_keys
+    assert set(weights.read_state_dict(path, "no.such.prefix.")) == set(single_file_state)  # nothing matches: all
+    fetched, real_read = [], weights.read_state_dict
+
+    def recording_read(*args, **kwargs):
+        state = real_read(*args, **kwargs)
+        fetched.append(set(state))
+        return state
+
+    monkeypatch.setattr(weights, "read_state_dict", recording_read)
+    assert_vae_matches(load_vae(path), reference[1])
+    assert fetched == [vae_keys]
 
 
 def test_standalone_ldm_vae_file(reference, single_file_state, tmp_path):
