@@ -13,14 +13,14 @@
 #
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors); `eval` writes runs/mini/eval.md.
-# The step counts below are sized for about two hours on 2 shared CPU cores; raise them on a bigger machine.
+# The step counts below are sized for about two and a half hours on 2 shared CPU cores; raise them on a bigger machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-5400}
+SFT_STEPS=${SFT_STEPS:-6600}
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
 SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini
