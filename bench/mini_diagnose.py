@@ -1,14 +1,19 @@
 """Where does the miniature's text conditioning get lost: in the text encoder, or in the UNet? (issue 7)
 
-Two measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
+Three measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
 
 1. **Linear probes of the text encoder.** For random single sentences of the shapes world, a ridge
-   regression from the <eot> state (the last row the UNet sees for that sentence) predicts the object's cell,
-   colour, shape and size. Accuracy on held-out sentences next to chance. High accuracy means every fact of a
-   sentence reaches the UNet's context in a linearly readable form.
+   regression from the sentence's last kept row (its final "." token: segment encoding drops <eot>, so this
+   is the last row the UNet sees for that sentence, and causal attention has shown it the whole sentence)
+   predicts the object's cell, colour, shape and size. Accuracy on held-out sentences next to chance. High
+   accuracy means every fact of a sentence reaches the UNet's context in a linearly readable form.
 2. **How much the UNet uses the caption.** The ε-prediction MSE on training scenes at fixed timesteps, with
    the scene's own caption, another scene's caption, and the empty caption. The ratio "other / own" is
    the caption's worth at that noise level: 1.0 means the UNet ignores the text there.
+3. **Where a generated object's colour comes from.** For held-out captions, the dominant colour of each
+   object's cell in the generated image: the named colour, the colour of another object in the same caption
+   (a binding error), a colour the caption never names, or no object at all. If the UNet read colours
+   but bound them to the wrong cells, the second share would dominate.
 
     python bench/mini_diagnose.py
     python bench/mini_diagnose.py --weights runs/mini/sft-segment/pipeline --scenes 64
@@ -16,6 +21,8 @@ Two measurements on a trained miniature pipeline (default: the shipped ``weights
 import argparse
 import random
 import sys
+from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import score  # noqa: E402
 from model.diffusion import NoiseSchedule  # noqa: E402
 from model.longtext import LongPromptEncoder  # noqa: E402
 from model.tokenizer import frame  # noqa: E402
@@ -44,11 +52,12 @@ def random_sentence(rng: random.Random) -> tuple[str, dict[str, int]]:
 
 
 @torch.no_grad()
-def eot_states(pipeline, sentences: list[str]) -> np.ndarray:
-    """The text encoder's last-layer state at each sentence's <eot>: [N, D]."""
+def last_kept_states(pipeline, sentences: list[str]) -> np.ndarray:
+    """The text encoder's last-layer state at each sentence's last content token (row len(ids) of
+    [sot] + ids + [eot] + pads), the last row segment encoding keeps: [N, D]."""
     ids = [pipeline.tokenizer.encode(s) for s in sentences]
     hidden = pipeline.text_encoder(torch.tensor([frame(i) for i in ids]))
-    return torch.stack([hidden[n, len(i) + 1] for n, i in enumerate(ids)]).float().numpy()
+    return torch.stack([hidden[n, len(i)] for n, i in enumerate(ids)]).float().numpy()
 
 
 def ridge_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, ridge: float = 1e-2) -> float:
@@ -63,7 +72,7 @@ def ridge_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, ridge
 def probe_table(pipeline, n_train: int, n_test: int) -> list[str]:
     rng = random.Random(0)
     pairs = [random_sentence(rng) for _ in range(n_train + n_test)]
-    states = eot_states(pipeline, [s for s, _ in pairs])
+    states = last_kept_states(pipeline, [s for s, _ in pairs])
     rows = ["| attribute | classes | probe accuracy (%) | chance (%) |", "|---|---|---|---|"]
     for name in pairs[0][1]:
         labels = np.array([lab[name] for _, lab in pairs])
@@ -97,21 +106,63 @@ def caption_use_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
+def colour_source(image: np.ndarray, scene: data.Scene, obj: data.ShapeObject) -> str:
+    """Where the colour drawn in ``obj``'s cell comes from (see the module's docstring, point 3)."""
+    cell = image[data._cell_slice(obj.cell)].astype(np.float64)
+    ink = np.linalg.norm(cell - 255.0, axis=-1) > data.INK_DISTANCE
+    if ink.mean() < data.OBJECT_MIN_INK:
+        return "no object drawn"
+    nearest = np.argmin(np.linalg.norm(cell[ink][:, None, :] - data._palette(), axis=-1), axis=-1)
+    dominant = list(data.COLORS)[np.bincount(nearest, minlength=len(data.COLORS)).argmax()]
+    if dominant == obj.color:
+        return "the named colour"
+    others = {o.color for o in scene.objects if o is not obj}
+    return "another object's colour" if dominant in others else "a colour the caption does not name"
+
+
+def colour_source_table(pipeline, n_scenes: int) -> list[str]:
+    examples = data.shapes_split("test", n_scenes)
+    noise = score.scene_noise(n_scenes, pipeline.vae, seed=0)
+    settings = SimpleNamespace(batch_size=50, sample_steps=10, cfg=3.0)  # the README table's sampler
+    images = score.generate(pipeline, [caption for _, caption in examples], "segment", noise, settings)
+    sources, wrong_in_caption = Counter(), []
+    for image, (scene, _) in zip(images.permute(0, 2, 3, 1).numpy(), examples):
+        for obj in scene.objects:
+            sources[colour_source(image, scene, obj)] += 1
+            other_colours = {o.color for o in scene.objects if o is not obj} - {obj.color}
+            wrong_in_caption.append(len(other_colours) / (len(data.COLORS) - 1))
+    total = sum(sources.values())
+    rows = ["| drawn in the object's cell | share of objects (%) |", "|---|---|"]
+    for name in ("the named colour", "another object's colour", "a colour the caption does not name",
+                 "no object drawn"):
+        rows.append(f"| {name} | {100 * sources[name] / total:.1f} |")
+    wrong = sources["another object's colour"] + sources["a colour the caption does not name"]
+    chance = 100 * float(np.mean(wrong_in_caption))
+    share = 100 * sources["another object's colour"] / wrong if wrong else float("nan")
+    rows.append(f"\nOf the wrong colours, {share:.1f}% belong to another object of the caption; "
+                f"{chance:.1f}% would if wrong colours were drawn uniformly.")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=ROOT / "weights" / "mini", help="a miniature pipeline folder")
     p.add_argument("--scenes", type=int, default=64, help="training scenes for the caption-use table")
+    p.add_argument("--colour-scenes", type=int, default=100, help="held-out scenes generated for the colour table")
     p.add_argument("--probe-sentences", type=int, nargs=2, default=(2000, 1000), metavar=("TRAIN", "TEST"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     pipeline = load_pipeline(args.weights, dtype=torch.float32)
     for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
         module.eval()
-    print(f"{args.weights}\n\nText encoder: linear probes of the <eot> state "
+    print(f"{args.weights}\n\nText encoder: linear probes of each sentence's last kept row "
           f"({args.probe_sentences[0]} training, {args.probe_sentences[1]} held-out sentences)\n")
     print("\n".join(probe_table(pipeline, *args.probe_sentences)))
     print(f"\nUNet: does the caption lower the ε-loss? ({args.scenes} training scenes, same noise per row)\n")
     print("\n".join(caption_use_table(pipeline, args.scenes)))
+    print(f"\nUNet: where does a generated object's colour come from? ({args.colour_scenes} held-out scenes, "
+          "DPM-Solver++ 10 steps, CFG 3)\n")
+    print("\n".join(colour_source_table(pipeline, args.colour_scenes)))
 
 
 if __name__ == "__main__":

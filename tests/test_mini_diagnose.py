@@ -22,9 +22,27 @@ def test_the_probe_reads_a_linear_code_and_not_noise():
 
 
 def test_the_script_runs_on_the_shipped_miniature(capsys):
-    mini_diagnose.main(["--scenes", "4", "--probe-sentences", "200", "100"])
+    mini_diagnose.main(["--scenes", "4", "--probe-sentences", "200", "100", "--colour-scenes", "2"])
     out = capsys.readouterr().out
-    assert "| colour | 8 |" in out and "| 950 |" in out
-    probe_rows = [line for line in out.splitlines() if line.startswith("| c") or line.startswith("| s")]
+    assert "| colour | 8 |" in out and "| 950 |" in out and "| drawn in the object's cell |" in out
+    shares = [float(line.split("|")[2]) for line in out.splitlines()
+              if line.startswith(("| the named", "| another object", "| a colour", "| no object"))]
+    assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5  # every object lands in exactly one row
+    probe_rows = [line for line in out.splitlines() if line.startswith(("| cell", "| colour", "| shape", "| size"))]
     accuracies = [float(row.split("|")[3]) for row in probe_rows]
     assert len(accuracies) == 4 and all(0 <= a <= 100 for a in accuracies)
+
+
+def test_colour_source_names_where_a_cells_colour_comes_from():
+    import data
+    red = data.ShapeObject(0, "square", "red", "large", (0, 0))
+    blue = data.ShapeObject(4, "square", "blue", "large", (0, 0))
+    scene = data.Scene((red, blue), ())
+    swapped = data.Scene((data.ShapeObject(0, "square", "blue", "large", (0, 0)),
+                          data.ShapeObject(4, "square", "red", "large", (0, 0))), ())
+    green = data.Scene((data.ShapeObject(0, "square", "green", "large", (0, 0)),), ())
+    assert mini_diagnose.colour_source(np.array(data.render(scene)), scene, red) == "the named colour"
+    assert mini_diagnose.colour_source(np.array(data.render(swapped)), scene, red) == "another object's colour"
+    assert mini_diagnose.colour_source(np.array(data.render(green)), scene, red) == \
+        "a colour the caption does not name"
+    assert mini_diagnose.colour_source(np.array(data.render(green)), scene, blue) == "no object drawn"
