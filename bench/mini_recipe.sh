@@ -13,17 +13,17 @@
 #
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors); `eval` writes runs/mini/eval.md.
-# The step counts below are sized for about two and a half hours on 2 shared CPU cores; raise them on a bigger machine.
+# The step counts below take about four and a half hours on 2 shared CPU cores (SFT alone about 3 h 50 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-6600}
-REWARD_STEPS=${REWARD_STEPS:-40}
+SFT_STEPS=${SFT_STEPS:-13000}
+REWARD_STEPS=${REWARD_STEPS:-80}
 EVAL_SCENES=${EVAL_SCENES:-500}
-SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini
+SHIP_FROM=${SHIP_FROM:-sft-segment}  # the run whose pipeline ships as weights/mini (the most facts: see README)
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
 # side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
