@@ -106,6 +106,11 @@ def caption_use_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
+def other_colours(scene: data.Scene, obj: data.ShapeObject) -> set[str]:
+    """The colours the caption names for objects other than ``obj``, ``obj``'s own colour left out."""
+    return {o.color for o in scene.objects if o is not obj} - {obj.color}
+
+
 def colour_source(image: np.ndarray, scene: data.Scene, obj: data.ShapeObject) -> str:
     """Where the colour drawn in ``obj``'s cell comes from (see the module's docstring, point 3)."""
     cell = image[data._cell_slice(obj.cell)].astype(np.float64)
@@ -116,8 +121,7 @@ def colour_source(image: np.ndarray, scene: data.Scene, obj: data.ShapeObject) -
     dominant = list(data.COLORS)[np.bincount(nearest, minlength=len(data.COLORS)).argmax()]
     if dominant == obj.color:
         return "the named colour"
-    others = {o.color for o in scene.objects if o is not obj}
-    return "another object's colour" if dominant in others else "a colour the caption does not name"
+    return "another object's colour" if dominant in other_colours(scene, obj) else "a colour the caption does not name"
 
 
 def colour_source_table(pipeline, n_scenes: int) -> list[str]:
@@ -129,8 +133,7 @@ def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     for image, (scene, _) in zip(images.permute(0, 2, 3, 1).numpy(), examples):
         for obj in scene.objects:
             sources[colour_source(image, scene, obj)] += 1
-            other_colours = {o.color for o in scene.objects if o is not obj} - {obj.color}
-            wrong_in_caption.append(len(other_colours) / (len(data.COLORS) - 1))
+            wrong_in_caption.append(len(other_colours(scene, obj)) / (len(data.COLORS) - 1))
     total = sum(sources.values())
     rows = ["| drawn in the object's cell | share of objects (%) |", "|---|---|"]
     for name in ("the named colour", "another object's colour", "a colour the caption does not name",
