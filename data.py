@@ -369,9 +369,7 @@ def check_facts(image: Image.Image | np.ndarray, scene: Scene, caption_text: str
     Returns {"facts": [per-fact dict], "accuracy": share of facts that hold,
              "shape_accuracy": share of object facts whose shape test passes}.
     """
-    pixels = _as_rgb_array(image)
-    ink = np.linalg.norm(pixels - 255.0, axis=-1) > INK_DISTANCE                               # [64, 64]
-    nearest = np.argmin(np.linalg.norm(pixels[:, :, None, :] - _palette(), axis=-1), axis=-1)  # [64, 64]
+    ink, nearest = ink_and_nearest_colour(_as_rgb_array(image))
     facts = [_object_fact(obj, ink, nearest) for obj in scene.objects]
     facts += [_empty_fact(cell, ink) for cell in scene.empty_mentioned]
     if caption_text is not None:
@@ -380,6 +378,14 @@ def check_facts(image: Image.Image | np.ndarray, scene: Scene, caption_text: str
     return {"facts": facts,
             "accuracy": float(np.mean([f["holds"] for f in facts])) if facts else 1.0,
             "shape_accuracy": float(np.mean([f["shape_holds"] for f in objects])) if objects else 1.0}
+
+
+def ink_and_nearest_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For RGB pixels [H, W, 3]: which are ink (distance from white > INK_DISTANCE), and the index (in COLORS
+    order) of the palette colour nearest to each pixel, both [H, W]."""
+    ink = np.linalg.norm(pixels - 255.0, axis=-1) > INK_DISTANCE
+    nearest = np.argmin(np.linalg.norm(pixels[:, :, None, :] - _palette(), axis=-1), axis=-1)
+    return ink, nearest
 
 
 def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -113,12 +113,10 @@ def other_colours(scene: data.Scene, obj: data.ShapeObject) -> set[str]:
 
 def colour_source(image: np.ndarray, scene: data.Scene, obj: data.ShapeObject) -> str:
     """Where the colour drawn in ``obj``'s cell comes from (see the module's docstring, point 3)."""
-    cell = image[data._cell_slice(obj.cell)].astype(np.float64)
-    ink = np.linalg.norm(cell - 255.0, axis=-1) > data.INK_DISTANCE
+    ink, nearest = data.ink_and_nearest_colour(image[data._cell_slice(obj.cell)].astype(np.float64))
     if ink.mean() < data.OBJECT_MIN_INK:
         return "no object drawn"
-    nearest = np.argmin(np.linalg.norm(cell[ink][:, None, :] - data._palette(), axis=-1), axis=-1)
-    dominant = list(data.COLORS)[np.bincount(nearest, minlength=len(data.COLORS)).argmax()]
+    dominant = list(data.COLORS)[np.bincount(nearest[ink], minlength=len(data.COLORS)).argmax()]
     if dominant == obj.color:
         return "the named colour"
     return "another object's colour" if dominant in other_colours(scene, obj) else "a colour the caption does not name"
