@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float)
     g.add_argument("--warmup", type=int, help="linear warm-up steps, then a constant learning rate")
+    g.add_argument("--decay-from", type=int, help="from this step the learning rate falls linearly to zero at "
+                                                  "--steps (default: no decay, constant to the end)")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -184,6 +186,8 @@ def check_args(args) -> None:
         raise ValueError(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
     if not 0.0 <= args.ema < 1.0:
         raise ValueError(f"--ema must be a decay in [0, 1), got {args.ema}")
+    if args.decay_from is not None and not 0 <= args.decay_from < args.steps:
+        raise ValueError(f"--decay-from must be a step in [0, --steps={args.steps}), got {args.decay_from}")
     if args.stage in ("sft", "reward") and args.weights is None:
         raise ValueError(f"--stage {args.stage} needs --weights: an SD-1.5 diffusers folder or single-file "
                          "checkpoint (or the miniature's weights/mini)")
@@ -994,13 +998,24 @@ def train_step(training: Training, batches, args, env: Env) -> dict[str, float]:
     return mean_over_ranks(logged, env)
 
 
+def learning_rate_factor(step: int, warmup: int, decay_from: int | None, steps: int) -> float:
+    """The schedule, as a factor on --lr for optimizer step `step` (0-based): a linear warm-up over `warmup`
+    steps, then constant; with `decay_from`, a linear fall from 1 at that step to 0 at `steps`. It depends on
+    the step alone, so a resumed run continues the same curve, and --steps can be raised on resume."""
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    if decay_from is not None and step >= decay_from:
+        factor *= max(0.0, (steps - step) / max(1, steps - decay_from))
+    return factor
+
+
 def start_training(stage: Stage, args, env: Env) -> Training:
-    """The optimizer (AdamW), the schedule (linear warm-up, then constant), the fp16 loss scaler, the EMA and
-    the training generator; resumed from OUT/checkpoint.pt with --resume when there is one."""
+    """The optimizer (AdamW), the schedule (learning_rate_factor), the fp16 loss scaler, the EMA and the
+    training generator; resumed from OUT/checkpoint.pt with --resume when there is one."""
     params = list(stage.trainable().values())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, args.warmup, args.decay_from, args.steps))
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.half == torch.float16)
     ema = {name: p.detach().clone() for name, p in stage.trainable().items()} if args.ema else None
     training = Training(stage, optimizer, lr_schedule, scaler, torch.Generator().manual_seed(args.seed), ema)

@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-13000}
+SFT_STEPS=${SFT_STEPS:-16000}
+SFT_DECAY_FROM=${SFT_DECAY_FROM:-13000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-80}
 EVAL_SCENES=${EVAL_SCENES:-500}
 SHIP_FROM=${SHIP_FROM:-sft-segment}  # the run whose pipeline ships as weights/mini (the most facts: see README)
@@ -54,7 +55,8 @@ stage_vae() {  # 64×64 images <-> 16×16×4 latents
 sft() {  # sft ENCODING: the UNet from scratch; concat is LongAlign's segment encoding, truncate the baseline
     local encoding=$1 name=sft-$2
     run "$name" python train.py --stage sft --data shapes --weights "$PIPE" --from-scratch mini --full \
-        --encoding "$encoding" --steps "$SFT_STEPS" --batch-size 16 --lr 1e-3 --warmup 50 --grad-clip 1 --ema 0.99 \
+        --encoding "$encoding" --steps "$SFT_STEPS" --batch-size 16 --lr 1e-3 --warmup 50 \
+        --decay-from "$SFT_DECAY_FROM" --grad-clip 1 --ema 0.99 \
         --save-every 50 --sample-every 200 --val-steps 10 --cfg 3 --workers 0 \
         --out "$RUNS/$name" --export "$RUNS/$name/pipeline" --resume
 }

@@ -243,9 +243,16 @@ def test_omega_sets_the_gradient_along_v_at_the_image_embedding(reward_parts, om
 # Checkpoints, signals, divergence
 # ----------------------------------------------------------------------------------------------------------
 
+def test_learning_rate_warms_up_holds_then_falls_linearly_to_zero():
+    factors = [train.learning_rate_factor(step, warmup=4, decay_from=10, steps=14) for step in range(14)]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert [train.learning_rate_factor(step, 4, None, 14) for step in (3, 13)] == [1, 1]  # no decay: constant
+
+
 def test_sigterm_then_resume_equals_an_uninterrupted_run(world, tmp_path, monkeypatch):
-    extra = ["--steps", "4", "--ema", "0.5", "--caption-dropout", "0.5"]
+    extra = ["--steps", "4", "--ema", "0.5", "--caption-dropout", "0.5", "--decay-from", "1"]
     straight = train.main(tiny_args(world, tmp_path / "straight", "sft", *extra))
+    assert [r["lr"] for r in straight] == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])  # resume continues it
 
     real_step = train.train_step
 
@@ -302,6 +309,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     ("manifest without caption", "missing key 'caption'"),
     ("weights path", "weights file not found"),
     ("resolution", "multiple of 8"),
+    ("decay after the end", "--decay-from must be a step in [0, --steps=1)"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, problem, expected):
     args = tiny_args(world, tmp_path / "out", "sft", "--steps", "1")
@@ -313,8 +321,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, probl
         args[args.index("--data") + 1] = str(tmp_path / "m.jsonl")
     elif problem == "weights path":
         args[args.index("--weights") + 1] = str(tmp_path / "no-such-model")
-    else:
+    elif problem == "resolution":
         args[args.index("--resolution") + 1] = "20"
+    else:
+        args += ["--decay-from", "1"]
     with pytest.raises(SystemExit) as exited:
         train.main(args)
     err = capsys.readouterr().err.strip()
