@@ -13,7 +13,7 @@
 #
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors); `eval` writes runs/mini/eval.md.
-# The step counts below take about four and a half hours on 2 shared CPU cores (SFT alone about 3 h 50 min).
+# The step counts below take about five and a half hours on 2 shared CPU cores (SFT alone about 4 h 50 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,7 @@ CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
 SFT_STEPS=${SFT_STEPS:-16000}
 SFT_DECAY_FROM=${SFT_DECAY_FROM:-13000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
-REWARD_STEPS=${REWARD_STEPS:-80}
+REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
 SHIP_FROM=${SHIP_FROM:-sft-segment}  # the run whose pipeline ships as weights/mini (the most facts: see README)
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
@@ -65,7 +65,7 @@ reward() {  # reward OMEGA: a fresh LoRA on the segment-SFT UNet ascends the ω-
     local omega=$1
     run "reward-$omega" python train.py --stage reward --data shapes --weights "$RUNS/sft-segment/pipeline" \
         --scorer "$PIPE/scorer" --direction "$PIPE/scorer/direction.safetensors" --omega "$omega" \
-        --steps "$REWARD_STEPS" --batch-size 8 --lr 1e-3 --warmup 5 --lora-rank 8 --rollout-steps 10 \
+        --steps "$REWARD_STEPS" --batch-size 8 --lr 2e-4 --warmup 5 --lora-rank 8 --rollout-steps 10 \
         --grad-stride 5 --cfg 3 --save-every 10 --sample-every 0 --workers 0 \
         --out "$RUNS/reward-$omega" --export "$RUNS/reward-$omega/pipeline" --resume
 }
