@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import re
 import sys
 import time
@@ -332,8 +333,10 @@ class EvalRow:
 def last_change(path: Path) -> float:
     """The newest modification time of a weights file, or of any file in a pipeline folder (links followed);
     0 for a missing path (loading it then reports the problem)."""
-    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path] if path.exists() else []
-    return max((f.stat().st_mtime for f in files), default=0.0)
+    if not path.is_dir():
+        return path.stat().st_mtime if path.exists() else 0.0
+    files = [Path(folder, name) for folder, _, names in os.walk(path, followlinks=True) for name in names]
+    return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
 
 
 def parse_row(spec: str) -> EvalRow:

@@ -63,6 +63,20 @@ def test_parse_row():
         score.parse_row("no-path")
 
 
+def test_last_change_sees_files_inside_linked_folders(tmp_path):
+    (tmp_path / "unet-run").mkdir()
+    weights_file = tmp_path / "unet-run" / "model.safetensors"
+    weights_file.write_bytes(b"x")
+    os.utime(weights_file, (2_000_000_000, 2_000_000_000))
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    os.utime(pipeline / "model_index.json", (1_000_000_000, 1_000_000_000))
+    (pipeline / "unet").symlink_to(tmp_path / "unet-run", target_is_directory=True)
+    assert score.last_change(pipeline) == 2_000_000_000  # a retrained, linked UNet makes a cached row stale
+    assert score.last_change(tmp_path / "missing") == 0.0
+
+
 def test_fact_accuracy_of_real_renders_is_near_perfect():
     examples = data.shapes_split("test", 20)
     real = score.renders(examples)
