@@ -1000,8 +1000,9 @@ def train_step(training: Training, batches, args, env: Env) -> dict[str, float]:
 
 def learning_rate_factor(step: int, warmup: int, decay_from: int | None, steps: int) -> float:
     """The schedule, as a factor on --lr for optimizer step `step` (0-based): a linear warm-up over `warmup`
-    steps, then constant; with `decay_from`, a linear fall from 1 at that step to 0 at `steps`. It depends on
-    the step alone, so a resumed run continues the same curve, and --steps can be raised on resume."""
+    steps, then constant, as in the paper's runs (FACTS.md §1); with `decay_from`, a linear fall from 1 at that
+    step to 0 at `steps` (the miniature's SFT uses it, see README). It depends on the step alone, so a resumed
+    run continues the same curve; raising --steps on resume changes it only after `decay_from`."""
     factor = min(1.0, (step + 1) / max(1, warmup))
     if decay_from is not None and step >= decay_from:
         factor *= max(0.0, (steps - step) / max(1, steps - decay_from))
