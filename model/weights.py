@@ -40,7 +40,9 @@ def read_state_dict(path: str | os.PathLike, only_prefix: str | None = None) -> 
     """Read one weights file: safetensors, or a torch pickle through ``weights_only=True`` only.
 
     ``only_prefix``: when a safetensors file has keys that start with it, read just those (one model out of a
-    4 GB single-file checkpoint); otherwise, and for pickles, read everything.
+    4 GB single-file checkpoint); otherwise, and for pickles, read everything. A pickle in torch's zip format
+    (every .ckpt since torch 1.6, SD-1.5's included) is memory-mapped, so each model's loader only pages in
+    the tensors it keeps, rather than reading all 4 GB once per model.
     """
     path = Path(path)
     if not path.exists():
@@ -72,7 +74,7 @@ def _read_safetensors(path: Path, only_prefix: str | None) -> dict[str, torch.Te
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise WeightsError(
             f"{path} needs a full (unsafe) unpickle, which this project never does ({str(err).splitlines()[0]}). "
@@ -405,7 +407,8 @@ def detect_single_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an original single-file SD checkpoint (FACTS.md §2 layout 2): one file holding the
     models under ``model.diffusion_model.`` / ``first_stage_model.`` / ``cond_stage_model.transformer.``.
 
-    A safetensors file is judged by its header alone; a pickle has to be read whole.
+    A safetensors file is judged by its header alone; a pickle is unpickled, memory-mapped when it can be
+    (see read_state_dict).
     """
     path = Path(path)
     if not path.is_file():

@@ -164,16 +164,25 @@ def test_diffusers_layout(reference, pipeline_folder, where):
     assert_vae_matches(load_vae(vae_path), reference[1])
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_original_single_file(reference, single_file_state, tmp_path, suffix):
+@pytest.mark.parametrize("suffix, pickle_format", [(".safetensors", None), (".ckpt", "zip"), (".ckpt", "legacy")])
+def test_original_single_file(reference, single_file_state, tmp_path, monkeypatch, suffix, pickle_format):
     path = tmp_path / f"tiny-sd{suffix}"
     if suffix == ".safetensors":
         save_file(single_file_state, str(path))
-    else:
-        torch.save({"state_dict": single_file_state, "global_step": 1}, path)
+    else:  # torch >= 1.6 writes zip archives; older .ckpt files are legacy pickles, which cannot be mapped
+        torch.save({"state_dict": single_file_state, "global_step": 1}, path,
+                   _use_new_zipfile_serialization=pickle_format == "zip")
+    mapped, real_load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        mapped.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     assert detect_single_file(path)
     assert_unet_matches(load_unet(path), reference[0])
     assert_vae_matches(load_vae(path), reference[1])
+    assert mapped == ([] if pickle_format is None else [pickle_format == "zip"] * 3)  # a zip pickle is mapped
 
 
 def test_each_model_reads_only_its_own_keys_of_a_single_file(reference, single_file_state, tmp_path, monkeypatch):
