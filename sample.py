@@ -29,7 +29,11 @@ MINI_WORLD_NOTE = (
     "squares and triangles on a 3x3 grid). For real images pass --weights with a Stable Diffusion 1.5 folder or "
     "single-file checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hugging Face Hub)."
 )
-TRAINED_ENCODING_FILE = "longalign.json"  # train.py --export writes {"encoding": ..., "max_tokens": ...}
+# train.py --export writes {"encoding": ..., "max_tokens": ...}; a shipped model may add the sampling settings
+# it was measured with, {"sampling": {"sampler": "dpm", "steps": 10, "cfg": 3.0}}, which fill the flags left out.
+TRAINED_ENCODING_FILE = "longalign.json"
+SD15_SAMPLING = {"sampler": "ddim", "steps": 50, "cfg": 7.5}  # the defaults for weights that recommend none
+SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -41,12 +45,15 @@ def parse_args(argv=None):
                         f"{DEFAULT_WEIGHTS})")
     p.add_argument("--lora", type=Path, default=None, help="a LoRA .safetensors written by train.py")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg", type=float, default=7.5,
-                   help="classifier-free guidance scale (default 7.5); 1 or less turns guidance off, as in diffusers")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: what the weights recommend in longalign.json, else 50)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the weights' recommendation, else 7.5); 1 or "
+                        "less turns guidance off, as in diffusers")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--sampler", choices=["ddim", "dpm"], default="ddim",
-                   help="DDIM (eta 0) or DPM-Solver++(2M), which is good in 20-25 steps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="DDIM (eta 0) or DPM-Solver++(2M), which is good in 20-25 steps (default: the weights' "
+                        "recommendation, else ddim)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: model's)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: model's)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -70,7 +77,7 @@ def check_args(args):
         value = getattr(args, side)
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{side} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
-    if not 1 <= args.steps <= 999:
+    if args.steps is not None and not 1 <= args.steps <= 999:
         raise ValueError(f"--steps must be between 1 and 999, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
@@ -109,16 +116,40 @@ def weights_path(args) -> Path:
     return DEFAULT_WEIGHTS
 
 
-def trained_encoding(weights: Path) -> str | None:
-    """The text encoding a LongAlign-trained UNet learned, recorded by ``train.py --export`` (else None)."""
-    record = weights / TRAINED_ENCODING_FILE
-    if not record.is_file():
-        return None
+def training_record(weights: Path) -> dict:
+    """What ``train.py --export`` (and the recipe that ships a model) recorded beside the weights; {} if nothing."""
+    record_file = weights / TRAINED_ENCODING_FILE
+    if not record_file.is_file():
+        return {}
     try:
-        return json.loads(record.read_text())["encoding"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise WeightsError(f"{record} is not a valid record of the training encoding ({err}); delete it or "
-                           "choose --encoding yourself.") from None
+        record = json.loads(record_file.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("encoding", ""), str):
+            raise ValueError("expected an object whose 'encoding' is a string")
+        check_recommended_sampling(record.get("sampling", {}))
+    except ValueError as err:  # json.JSONDecodeError included
+        raise WeightsError(f"{record_file} is not a valid LongAlign record ({err}); delete it, or pass --encoding, "
+                           "--sampler, --steps and --cfg yourself.") from None
+    return record
+
+
+def check_recommended_sampling(sampling):
+    """The record's sampling settings must be ones the flags could have given."""
+    if not isinstance(sampling, dict) or set(sampling) - set(SD15_SAMPLING):
+        raise ValueError(f"'sampling' may hold only {sorted(SD15_SAMPLING)}")
+    steps, cfg = sampling.get("steps", 1), sampling.get("cfg", 1.0)
+    if (sampling.get("sampler", "ddim") not in SAMPLERS or type(steps) is not int or not 1 <= steps <= 999
+            or type(cfg) not in (int, float)):
+        raise ValueError(f"'sampling' needs a sampler in {sorted(SAMPLERS)}, integer steps in 1..999 and a "
+                         f"numeric cfg, got {sampling}")
+
+
+def fill_sampling_defaults(args, record: dict):
+    """Flags left out take the weights' recommended sampling (the settings the shipped miniature was measured
+    with), else SD-1.5's usual DDIM, 50 steps, CFG 7.5."""
+    recommended = {**SD15_SAMPLING, **record.get("sampling", {})}
+    for name, value in recommended.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def choose_strategy(args, tokenizer, trained: str | None) -> str:
@@ -168,14 +199,16 @@ def main(argv=None):
         check_args(args)
         device, dtype = pick_device(args)
         weights = weights_path(args)
+        record = training_record(weights)
+        fill_sampling_defaults(args, record)
         pipe = load_pipeline(weights, dtype=dtype, device=device)
         if args.lora is not None:
             load_lora(pipe.unet, args.lora)
             merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
-        strategy = choose_strategy(args, pipe.tokenizer, trained_encoding(weights))
+        strategy = choose_strategy(args, pipe.tokenizer, record.get("encoding"))
         encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
         schedule = NoiseSchedule()
-        sampler = (DDIMSampler if args.sampler == "ddim" else DPMSolverSampler)(schedule, args.steps)
+        sampler = SAMPLERS[args.sampler](schedule, args.steps)
     except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -186,6 +219,7 @@ def main(argv=None):
     print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
           f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
           f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
+    print(f"sampling: {args.sampler}, {args.steps} steps, CFG {args.cfg}")
     with torch.no_grad():
         cond = encoder([args.prompt] * args.batch)
         # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context

@@ -12,7 +12,8 @@
 # and records its wall time in runs/mini/times.txt.
 #
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
-# by default, plus scorer/ with its direction.safetensors); `eval` writes runs/mini/eval.md.
+# by default, plus scorer/ with its direction.safetensors, and the sampling settings in longalign.json);
+# `eval` writes runs/mini/eval.md.
 # The step counts below take about 5 h 15 min on 2 shared CPU cores (SFT alone about 4 h 50 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,10 @@ SFT_STEPS=${SFT_STEPS:-16000}
 SFT_DECAY_FROM=${SFT_DECAY_FROM:-13000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
+# How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
+# sample.py with no flags samples the shipped model the way it was measured.
+SAMPLE_STEPS=${SAMPLE_STEPS:-10}
+SAMPLE_CFG=${SAMPLE_CFG:-3}
 SHIP_FROM=${SHIP_FROM:-sft-segment}  # the run whose pipeline ships as weights/mini (the most facts: see README)
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
@@ -75,15 +80,20 @@ stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and the scorer, every we
     mkdir -p weights/mini.tmp
     cp -r "$RUNS/$SHIP_FROM/pipeline/." weights/mini.tmp/
     cp -r "$PIPE/scorer" weights/mini.tmp/scorer
-    python - weights/mini.tmp <<'PY'
+    python - weights/mini.tmp "$SAMPLE_STEPS" "$SAMPLE_CFG" <<'PY'
+import json
 import sys
 from pathlib import Path
 
 from model.weights import read_state_dict, save_state_dict
 
-for path in Path(sys.argv[1]).glob("*/*.safetensors"):
+folder, steps, cfg = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+for path in folder.glob("*/*.safetensors"):
     if path.name != "direction.safetensors":  # V is 64 floats; it stays fp32
         save_state_dict({k: v.half() if v.is_floating_point() else v for k, v in read_state_dict(path).items()}, path)
+record = json.loads((folder / "longalign.json").read_text())
+record["sampling"] = {"sampler": "dpm", "steps": steps, "cfg": cfg}
+(folder / "longalign.json").write_text(json.dumps(record, indent=2) + "\n")
 PY
     rm -rf weights/mini
     mv weights/mini.tmp weights/mini
@@ -91,7 +101,8 @@ PY
 }
 
 stage_eval() {  # the README table: facts, Fréchet distance, Table 1 and η, on held-out scenes
-    local common=(--eval-shapes --scenes "$EVAL_SCENES" --scorer "$PIPE/scorer" -o "$RUNS/eval.md")
+    local common=(--eval-shapes --scenes "$EVAL_SCENES" --sample-steps "$SAMPLE_STEPS" --cfg "$SAMPLE_CFG"
+                  --scorer "$PIPE/scorer" -o "$RUNS/eval.md")
     local rows=("truncate SFT=$RUNS/sft-truncate/pipeline:truncate"
                 "segment SFT=$RUNS/sft-segment/pipeline"
                 "segment SFT + reward ω=0=$RUNS/reward-0/pipeline"

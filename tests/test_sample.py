@@ -150,6 +150,25 @@ def test_auto_encoding_follows_what_the_weights_were_trained_with(tiny_sd, tmp_p
     assert "encoding: concat, 1 segments" in capsys.readouterr().out
 
 
+def test_weights_can_recommend_their_sampling_settings(tiny_sd, tmp_path):
+    """Flags left out take longalign.json's "sampling" (weights/mini records the settings its table was measured
+    with); a flag given wins; weights with no record get SD-1.5's usual DDIM, 50 steps, CFG 7.5."""
+    weights = tmp_path / "recommends"
+    shutil.copytree(tiny_sd, weights)
+
+    def settings(folder, *flags):
+        out = tmp_path / "settings.png"
+        sample.main(["a red fox", "--weights", str(folder), "--out", str(out), "--height", "16", "--width", "16",
+                     *flags])
+        return Image.open(out).text["parameters"].split("\n")[2]
+
+    assert settings(weights).startswith("Steps: 50, Sampler: DDIM, CFG scale: 7.5,")
+    record = {"encoding": "truncate", "sampling": {"sampler": "dpm", "steps": 3, "cfg": 2.0}}
+    (weights / sample.TRAINED_ENCODING_FILE).write_text(json.dumps(record))
+    assert settings(weights).startswith("Steps: 3, Sampler: DPM, CFG scale: 2.0,")
+    assert settings(weights, "--cfg", "4", "--sampler", "ddim").startswith("Steps: 3, Sampler: DDIM, CFG scale: 4.0,")
+
+
 def test_empty_prompt_with_the_default_model(tiny_sd, tmp_path, monkeypatch, capsys):
     """An empty prompt is an unconditional sample; without --weights the shipped model is used, with a note."""
     monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tiny_sd)
@@ -216,7 +235,23 @@ BAD_INPUTS = {
     "output not a png": (lambda sd, tmp: ["x", "--weights", sd, "--out", tmp / "out.jpg"], "must be a .png"),
     "missing lora": (lambda sd, tmp: ["x", "--weights", sd, "--lora", tmp / "none.safetensors"], "not found"),
     "fp16 on the cpu": (lambda sd, tmp: ["x", "--weights", sd, "--dtype", "fp16"], "needs CUDA"),
+    "record not json": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, "{encoding: concat")],
+                        "is not a valid LongAlign record"),
+    "record's sampler unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"encoding": "concat", "sampling": {"sampler": "euler"}}))], "a sampler in ['ddim', 'dpm']"),
+    "record's steps not an integer": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"sampling": {"steps": "ten"}}))], "integer steps in 1..999"),
+    "record's entry unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"sampling": {"eta": 0.5}}))], "may hold only ['cfg', 'sampler', 'steps']"),
 }
+
+
+def with_record(tiny_sd, tmp_path, text):
+    """A copy of the tiny pipeline whose longalign.json holds ``text``."""
+    folder = tmp_path / "recorded"
+    shutil.copytree(tiny_sd, folder)
+    (folder / sample.TRAINED_ENCODING_FILE).write_text(text)
+    return folder
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
