@@ -21,8 +21,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-16000}
-SFT_DECAY_FROM=${SFT_DECAY_FROM:-13000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
+SFT_STEPS=${SFT_STEPS:-19000}
+SFT_DECAY_FROM=${SFT_DECAY_FROM:-16000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
 # How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
