@@ -14,7 +14,7 @@
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors, and the sampling settings in longalign.json);
 # `eval` writes runs/mini/eval.md.
-# The step counts below take about 5 h 15 min on 2 shared CPU cores (SFT alone about 4 h 50 min).
+# The step counts below take about 6 h 10 min on 2 shared CPU cores (SFT alone about 5 h 50 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
