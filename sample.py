@@ -31,9 +31,10 @@ MINI_WORLD_NOTE = (
 )
 # train.py --export writes {"encoding": ..., "max_tokens": ...}; a shipped model may add the sampling settings
 # it was measured with, {"sampling": {"sampler": "dpm", "steps": 10, "cfg": 3.0}}, which fill the flags left out.
-TRAINED_ENCODING_FILE = "longalign.json"
+TRAINING_RECORD_FILE = "longalign.json"
 SD15_SAMPLING = {"sampler": "ddim", "steps": 50, "cfg": 7.5}  # the defaults for weights that recommend none
 SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler}
+MAX_STEPS = 999  # one step per training timestep at most
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -77,8 +78,8 @@ def check_args(args):
         value = getattr(args, side)
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{side} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
-    if args.steps is not None and not 1 <= args.steps <= 999:
-        raise ValueError(f"--steps must be between 1 and 999, got {args.steps}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     if args.out.suffix.lower() != ".png":
@@ -118,7 +119,7 @@ def weights_path(args) -> Path:
 
 def training_record(weights: Path) -> dict:
     """What ``train.py --export`` (and the recipe that ships a model) recorded beside the weights; {} if nothing."""
-    record_file = weights / TRAINED_ENCODING_FILE
+    record_file = weights / TRAINING_RECORD_FILE
     if not record_file.is_file():
         return {}
     try:
@@ -137,9 +138,9 @@ def check_recommended_sampling(sampling):
     if not isinstance(sampling, dict) or set(sampling) - set(SD15_SAMPLING):
         raise ValueError(f"'sampling' may hold only {sorted(SD15_SAMPLING)}")
     steps, cfg = sampling.get("steps", 1), sampling.get("cfg", 1.0)
-    if (sampling.get("sampler", "ddim") not in SAMPLERS or type(steps) is not int or not 1 <= steps <= 999
+    if (sampling.get("sampler", "ddim") not in SAMPLERS or type(steps) is not int or not 1 <= steps <= MAX_STEPS
             or type(cfg) not in (int, float)):
-        raise ValueError(f"'sampling' needs a sampler in {sorted(SAMPLERS)}, integer steps in 1..999 and a "
+        raise ValueError(f"'sampling' needs a sampler in {sorted(SAMPLERS)}, integer steps in 1..{MAX_STEPS} and a "
                          f"numeric cfg, got {sampling}")
 
 

@@ -145,7 +145,7 @@ def test_auto_encoding_follows_what_the_weights_were_trained_with(tiny_sd, tmp_p
     shutil.copytree(tiny_sd, weights)
     run_sample("a red fox", weights, tmp_path / "plain.png")
     assert "encoding: truncate" in capsys.readouterr().out
-    (weights / sample.TRAINED_ENCODING_FILE).write_text(json.dumps({"encoding": "concat", "max_tokens": 240}))
+    (weights / sample.TRAINING_RECORD_FILE).write_text(json.dumps({"encoding": "concat", "max_tokens": 240}))
     run_sample("a red fox", weights, tmp_path / "segment.png")
     assert "encoding: concat, 1 segments" in capsys.readouterr().out
 
@@ -164,7 +164,7 @@ def test_weights_can_recommend_their_sampling_settings(tiny_sd, tmp_path):
 
     assert settings(weights).startswith("Steps: 50, Sampler: DDIM, CFG scale: 7.5,")
     record = {"encoding": "truncate", "sampling": {"sampler": "dpm", "steps": 3, "cfg": 2.0}}
-    (weights / sample.TRAINED_ENCODING_FILE).write_text(json.dumps(record))
+    (weights / sample.TRAINING_RECORD_FILE).write_text(json.dumps(record))
     assert settings(weights).startswith("Steps: 3, Sampler: DPM, CFG scale: 2.0,")
     assert settings(weights, "--cfg", "4", "--sampler", "ddim").startswith("Steps: 3, Sampler: DDIM, CFG scale: 4.0,")
 
@@ -250,7 +250,7 @@ def with_record(tiny_sd, tmp_path, text):
     """A copy of the tiny pipeline whose longalign.json holds ``text``."""
     folder = tmp_path / "recorded"
     shutil.copytree(tiny_sd, folder)
-    (folder / sample.TRAINED_ENCODING_FILE).write_text(text)
+    (folder / sample.TRAINING_RECORD_FILE).write_text(text)
     return folder
 
 
