@@ -14,11 +14,18 @@ Three measurements on a trained miniature pipeline (default: the shipped ``weigh
    object's cell in the generated image: the named colour, the colour of another object in the same caption
    (a binding error), a colour the caption never names, or no object at all. If the UNet read colours
    but bound them to the wrong cells, the second share would dominate.
+4. **Whether the preference scorer sees those errors.** For held-out real renders, the scorer's score with
+   the true caption against the same caption with one error put in, worded and ordered the same way: two
+   objects' colours swapped (the UNet's binding error), one colour replaced by a colour the scene lacks, one
+   object moved to a cell the caption does not mention. The share of renders where the true caption scores
+   higher, for the original score and its text-relevant part (LongAlign §4). Near 50% means the reward
+   cannot teach the model to avoid that error.
 
     python bench/mini_diagnose.py
     python bench/mini_diagnose.py --weights runs/mini/sft-segment/pipeline --scenes 64
 """
 import argparse
+import dataclasses
 import random
 import sys
 from collections import Counter
@@ -34,6 +41,7 @@ import data  # noqa: E402
 import score  # noqa: E402
 from model.diffusion import NoiseSchedule  # noqa: E402
 from model.longtext import LongPromptEncoder  # noqa: E402
+from model.preference import Scorer  # noqa: E402
 from model.tokenizer import frame  # noqa: E402
 from model.weights import load_pipeline  # noqa: E402
 
@@ -145,11 +153,79 @@ def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
+def same_wording_caption(split: str, index: int, scene: data.Scene) -> str:
+    """The caption ``data.shapes_example(split, index)`` would give ``scene``: the same random templates and
+    sentence order as the example's own caption (the generator's random state after drawing its scene)."""
+    rng = random.Random(data.SPLIT_SEED_BASE[split] + index)
+    data.random_scene(rng)
+    return data.caption(scene, rng)
+
+
+def swap_two_colours(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+    """Two objects of different colours trade colours (a binding error); None when all colours are equal."""
+    pairs = [(a, b) for a in range(len(scene.objects)) for b in range(a)
+             if scene.objects[a].color != scene.objects[b].color]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    objects = list(scene.objects)
+    objects[a], objects[b] = (dataclasses.replace(objects[a], color=scene.objects[b].color),
+                              dataclasses.replace(objects[b], color=scene.objects[a].color))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def replace_one_colour(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+    """One object takes a colour no object of the scene has; None when the scene uses all eight."""
+    unused = [c for c in data.COLORS if c not in {o.color for o in scene.objects}]
+    if not unused:
+        return None
+    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
+    objects[k] = dataclasses.replace(objects[k], color=rng.choice(unused))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def move_one_object(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+    """One object moves to a cell the caption does not mention; None when every cell is mentioned."""
+    taken = {o.cell for o in scene.objects} | set(scene.empty_mentioned)
+    free = [c for c in range(len(data.POSITIONS)) if c not in taken]
+    if not free:
+        return None
+    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
+    objects[k] = dataclasses.replace(objects[k], cell=rng.choice(free))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour replaced": replace_one_colour,
+          "one object moved": move_one_object}
+
+
+@torch.no_grad()
+def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
+    examples = data.shapes_split("test", n_scenes)
+    images = score.renders(examples).float().div(255)
+    true = scorer.score(images, [caption for _, caption in examples], direction)
+    rng = random.Random(0)
+    rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
+            "text-relevant (%) | mean margin ×100, original / text-relevant |", "|---|---|---|---|---|"]
+    for name, put_error in ERRORS.items():
+        changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
+        kept = [(i, scene) for i, scene in changed if scene is not None]
+        index = torch.tensor([i for i, _ in kept])
+        wrong = scorer.score(images[index], [same_wording_caption("test", i, scene) for i, scene in kept],
+                             direction)
+        original, relevant = true.original[index] - wrong.original, true.relevant[index] - wrong.relevant
+        rows.append(f"| {name} | {len(kept)} | {100 * (original > 0).float().mean():.1f} | "
+                    f"{100 * (relevant > 0).float().mean():.1f} | "
+                    f"{100 * original.mean():.2f} / {100 * relevant.mean():.2f} |")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=ROOT / "weights" / "mini", help="a miniature pipeline folder")
     p.add_argument("--scenes", type=int, default=64, help="training scenes for the caption-use table")
     p.add_argument("--colour-scenes", type=int, default=100, help="held-out scenes generated for the colour table")
+    p.add_argument("--scorer-scenes", type=int, default=500, help="held-out real renders for the scorer table")
     p.add_argument("--probe-sentences", type=int, nargs=2, default=(2000, 1000), metavar=("TRAIN", "TEST"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -164,6 +240,12 @@ def main(argv=None) -> None:
     print(f"\nUNet: where does a generated object's colour come from? ({args.colour_scenes} held-out scenes, "
           "DPM-Solver++ 10 steps, CFG 3)\n")
     print("\n".join(colour_source_table(pipeline, args.colour_scenes)))
+    scorer_folder = args.weights / "scorer"
+    scorer = Scorer.load(scorer_folder, dtype=torch.float32)
+    direction = score.find_direction(None, scorer_folder, scorer)
+    print(f"\nScorer: does the true caption beat one with an error put in? ({args.scorer_scenes} held-out real "
+          "renders)\n")
+    print("\n".join(scorer_error_table(scorer, direction, args.scorer_scenes)))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ def test_the_probe_reads_a_linear_code_and_not_noise():
 
 
 def test_the_script_runs_on_the_shipped_miniature(capsys):
-    mini_diagnose.main(["--scenes", "4", "--probe-sentences", "200", "100", "--colour-scenes", "2"])
+    mini_diagnose.main(["--scenes", "4", "--probe-sentences", "200", "100", "--colour-scenes", "2",
+                        "--scorer-scenes", "6"])
     out = capsys.readouterr().out
     assert "| colour | 8 |" in out and "| 950 |" in out and "| drawn in the object's cell |" in out
+    assert "| two objects' colours swapped |" in out and "| one object moved |" in out
     shares = [float(line.split("|")[2]) for line in out.splitlines()
               if line.startswith(("| the named", "| another object", "| a colour", "| no object"))]
     assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5  # every object lands in exactly one row
@@ -46,3 +48,29 @@ def test_colour_source_names_where_a_cells_colour_comes_from():
     assert mini_diagnose.colour_source(np.array(data.render(green)), scene, red) == \
         "a colour the caption does not name"
     assert mini_diagnose.colour_source(np.array(data.render(green)), scene, blue) == "no object drawn"
+
+
+def test_the_scorer_errors_change_exactly_one_fact_and_keep_the_wording():
+    import random
+
+    import data
+    rng = random.Random(0)
+    for index in range(40):
+        scene, text = data.shapes_example("test", index)
+        assert mini_diagnose.same_wording_caption("test", index, scene) == text
+        swapped = mini_diagnose.swap_two_colours(scene, rng)
+        changed = [(a, b) for a, b in zip(scene.objects, swapped.objects) if a != b]
+        assert len(changed) == 2 and changed[0][0].color == changed[1][1].color != changed[0][1].color
+        replaced = mini_diagnose.replace_one_colour(scene, rng)
+        if replaced is not None:
+            (old, new), = [(a, b) for a, b in zip(scene.objects, replaced.objects) if a != b]
+            assert new.color not in {o.color for o in scene.objects} and new.cell == old.cell
+        moved = mini_diagnose.move_one_object(scene, rng)
+        if moved is not None:
+            (old, new), = [(a, b) for a, b in zip(scene.objects, moved.objects) if a != b]
+            assert new.cell not in {o.cell for o in scene.objects} | set(scene.empty_mentioned)
+            wrong = mini_diagnose.same_wording_caption("test", index, moved)
+            assert wrong.replace(data.POSITIONS[new.cell], data.POSITIONS[old.cell]) == text
+    one_colour = data.Scene((data.ShapeObject(0, "square", "red", "large", (0, 0)),
+                             data.ShapeObject(4, "circle", "red", "small", (0, 0))), ())
+    assert mini_diagnose.swap_two_colours(one_colour, rng) is None
