@@ -1,6 +1,6 @@
 """Where does the miniature's text conditioning get lost: in the text encoder, or in the UNet? (issue 7)
 
-Three measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
+Four measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
 
 1. **Linear probes of the text encoder.** For random single sentences of the shapes world, a ridge
    regression from the sentence's last kept row (its final "." token: segment encoding drops <eot>, so this
