@@ -1,4 +1,4 @@
-"""Where does the miniature's text conditioning get lost: in the text encoder, or in the UNet? (issue 7)
+"""Where does the miniature lose the caption: in the text encoder or the UNet? And does its scorer notice? (issue 7)
 
 Four measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
 
