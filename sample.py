@@ -11,6 +11,7 @@ The PNG keeps the prompt and settings in a "parameters" text chunk, as other SD 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,16 @@ def choose_strategy(args, tokenizer, trained: str | None) -> str:
     return "concat" if args.encoding == "segment" else args.encoding
 
 
+def dropped_tokens_fix(what: str, strategy: str, dropped: int, max_tokens: int) -> str:
+    """What to do when a prompt does not fit the context (sample.py's wording of the encoder's warning)."""
+    if strategy == "truncate":
+        return (f"the {what}'s last {dropped} tokens do not fit plain CLIP's 77 and are ignored; "
+                "pass --encoding segment to keep them")
+    return (f"the {what}'s last {dropped} tokens do not fit the {max_tokens}-token context and are ignored; "
+            "pass a larger --max-tokens to keep them (longer than the model was trained with may sample worse), "
+            "or shorten the prompt")
+
+
 def initial_latents(args, downsample: int, height: int, width: int, device, dtype):
     """Noise drawn on the CPU from the seed, as diffusers does, so the same seed gives the same image."""
     generator = torch.Generator("cpu").manual_seed(args.seed)
@@ -221,7 +232,12 @@ def main(argv=None):
           f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
           f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
     print(f"sampling: {args.sampler}, {args.steps} steps, CFG {args.cfg}")
-    with torch.no_grad():
+    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative)):
+        dropped = encoder.plan(text).tokens_dropped
+        if dropped:
+            print(f"note: {dropped_tokens_fix(what, strategy, dropped, args.max_tokens)}", file=sys.stderr)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note above already said what was dropped and how to keep it
         cond = encoder([args.prompt] * args.batch)
         # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context
         uncond = encoder([args.negative]) if args.cfg > 1 else None

@@ -139,6 +139,18 @@ def test_long_prompt_uses_segment_encoding(tiny_sd, tmp_path, monkeypatch, capsy
     assert Image.open(out).text["parameters"].startswith(LONG_PROMPT + "\n")  # the prompt kept whole
 
 
+def test_a_prompt_too_long_for_the_context_gets_a_note_with_the_fix(tiny_sd, tmp_path, capsys, recwarn):
+    huge = "A red fox sits in the snow. " * 400  # about 3,200 tokens: far past the 240-row context
+    run_sample(huge, tiny_sd, tmp_path / "huge.png")
+    err = capsys.readouterr().err
+    assert "tokens do not fit the 240-token context" in err and "--max-tokens" in err
+    assert not [w for w in recwarn if "dropped" in str(w.message)]  # the note replaces the library warning
+    assert (tmp_path / "huge.png").is_file()
+    run_sample("a red fox", tiny_sd, tmp_path / "short.png", "--negative", huge, "--encoding", "truncate")
+    err = capsys.readouterr().err
+    assert "the negative prompt's last" in err and "plain CLIP's 77" in err and "--encoding segment" in err
+
+
 def test_auto_encoding_follows_what_the_weights_were_trained_with(tiny_sd, tmp_path, capsys):
     """A short prompt gets plain CLIP, unless train.py recorded that the UNet learned segment encoding."""
     weights = tmp_path / "trained"
