@@ -170,7 +170,7 @@ def dropped_tokens_fix(what: str, strategy: str, dropped: int, max_tokens: int) 
     if strategy == "truncate":
         return (f"the {what}'s last {dropped} tokens do not fit plain CLIP's 77 and are ignored; "
                 "pass --encoding segment to keep them")
-    return (f"the {what}'s last {dropped} tokens do not fit the {max_tokens}-token context and are ignored; "
+    return (f"the {what}'s last {dropped} tokens do not fit the context of --max-tokens {max_tokens} and are ignored; "
             "pass a larger --max-tokens to keep them (longer than the model was trained with may sample worse), "
             "or shorten the prompt")
 
@@ -227,17 +227,19 @@ def main(argv=None):
     height = args.height or pipe.default_size
     width = args.width or pipe.default_size
 
-    plan = encoder.plan(args.prompt)
+    plans = {"prompt": encoder.plan(args.prompt), "negative prompt": encoder.plan(args.negative)}
+    plan = plans["prompt"]
     print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
           f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
           f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
     print(f"sampling: {args.sampler}, {args.steps} steps, CFG {args.cfg}")
-    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative)):
-        dropped = encoder.plan(text).tokens_dropped
-        if dropped:
-            print(f"note: {dropped_tokens_fix(what, strategy, dropped, args.max_tokens)}", file=sys.stderr)
+    for what, text_plan in plans.items():
+        if text_plan.tokens_dropped:
+            print(f"note: {dropped_tokens_fix(what, strategy, text_plan.tokens_dropped, args.max_tokens)}",
+                  file=sys.stderr)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the note above already said what was dropped and how to keep it
+        # the note above already said what was dropped and how to keep it
+        warnings.filterwarnings("ignore", message=".*dropped the prompt tokens that did not fit")
         cond = encoder([args.prompt] * args.batch)
         # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context
         uncond = encoder([args.negative]) if args.cfg > 1 else None

@@ -47,6 +47,7 @@ from model.weights import load_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMESTEPS = (100, 300, 500, 700, 850, 950)
+SHIPPED_SCORER = ROOT / "weights" / "mini" / "scorer"
 
 
 def random_sentence(rng: random.Random) -> tuple[str, dict[str, int]]:
@@ -210,6 +211,9 @@ def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -
     for name, put_error in ERRORS.items():
         changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
         kept = [(i, scene) for i, scene in changed if scene is not None]
+        if not kept:
+            rows.append(f"| {name} | 0 | | | |")
+            continue
         index = torch.tensor([i for i, _ in kept])
         wrong = scorer.score(images[index], [same_wording_caption("test", i, scene) for i, scene in kept],
                              direction)
@@ -225,6 +229,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", type=Path, default=ROOT / "weights" / "mini", help="a miniature pipeline folder")
     p.add_argument("--scenes", type=int, default=64, help="training scenes for the caption-use table")
     p.add_argument("--colour-scenes", type=int, default=100, help="held-out scenes generated for the colour table")
+    p.add_argument("--scorer", type=Path, help="the scorer for the last table (default: the pipeline's "
+                   "scorer/, else the shipped weights/mini/scorer)")
     p.add_argument("--scorer-scenes", type=int, default=500, help="held-out real renders for the scorer table")
     p.add_argument("--probe-sentences", type=int, nargs=2, default=(2000, 1000), metavar=("TRAIN", "TEST"))
     args = p.parse_args(argv)
@@ -240,7 +246,7 @@ def main(argv=None) -> None:
     print(f"\nUNet: where does a generated object's colour come from? ({args.colour_scenes} held-out scenes, "
           "DPM-Solver++ 10 steps, CFG 3)\n")
     print("\n".join(colour_source_table(pipeline, args.colour_scenes)))
-    scorer_folder = args.weights / "scorer"
+    scorer_folder = args.scorer or next(f for f in (args.weights / "scorer", SHIPPED_SCORER) if f.is_dir())
     scorer = Scorer.load(scorer_folder, dtype=torch.float32)
     direction = score.find_direction(None, scorer_folder, scorer)
     print(f"\nScorer: does the true caption beat one with an error put in? ({args.scorer_scenes} held-out real "

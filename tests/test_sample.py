@@ -143,7 +143,7 @@ def test_a_prompt_too_long_for_the_context_gets_a_note_with_the_fix(tiny_sd, tmp
     huge = "A red fox sits in the snow. " * 400  # about 3,200 tokens: far past the 240-row context
     run_sample(huge, tiny_sd, tmp_path / "huge.png")
     err = capsys.readouterr().err
-    assert "tokens do not fit the 240-token context" in err and "--max-tokens" in err
+    assert "tokens do not fit the context of --max-tokens 240" in err and "--max-tokens" in err
     assert not [w for w in recwarn if "dropped" in str(w.message)]  # the note replaces the library warning
     assert (tmp_path / "huge.png").is_file()
     run_sample("a red fox", tiny_sd, tmp_path / "short.png", "--negative", huge, "--encoding", "truncate")
