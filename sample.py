@@ -227,7 +227,9 @@ def main(argv=None):
     height = args.height or pipe.default_size
     width = args.width or pipe.default_size
 
-    plans = {"prompt": encoder.plan(args.prompt), "negative prompt": encoder.plan(args.negative)}
+    plans = {"prompt": encoder.plan(args.prompt)}
+    if args.cfg > 1:  # the negative is encoded only under guidance (below)
+        plans["negative prompt"] = encoder.plan(args.negative)
     plan = plans["prompt"]
     print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
           f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
