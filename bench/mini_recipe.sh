@@ -14,15 +14,15 @@
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors, and the sampling settings in longalign.json);
 # `eval` writes runs/mini/eval.md.
-# The step counts below take about 6 h 10 min on 2 shared CPU cores (SFT alone about 5 h 50 min).
+# The step counts below take about 7 h 30 min on 2 shared CPU cores (SFT alone about 7 h 10 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-runs/mini}
 CLIP_STEPS=${CLIP_STEPS:-440}
 VAE_STEPS=${VAE_STEPS:-300}
-SFT_STEPS=${SFT_STEPS:-19000}
-SFT_DECAY_FROM=${SFT_DECAY_FROM:-16000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
+SFT_STEPS=${SFT_STEPS:-22000}
+SFT_DECAY_FROM=${SFT_DECAY_FROM:-19000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
 EVAL_SCENES=${EVAL_SCENES:-500}
 # How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
