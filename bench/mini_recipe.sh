@@ -24,12 +24,13 @@ VAE_STEPS=${VAE_STEPS:-300}
 SFT_STEPS=${SFT_STEPS:-22000}
 SFT_DECAY_FROM=${SFT_DECAY_FROM:-19000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
+REWARD_LR=${REWARD_LR:-5e-5}  # 2e-4 and above cost facts (README: "Reward learning rate")
 EVAL_SCENES=${EVAL_SCENES:-500}
 # How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
 # sample.py with no flags samples the shipped model the way it was measured.
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}
 SAMPLE_CFG=${SAMPLE_CFG:-3}
-SHIP_FROM=${SHIP_FROM:-sft-segment}  # the run whose pipeline ships as weights/mini (the most facts: see README)
+SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini: LongAlign S+R, the paper's ω (README)
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
 # side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
@@ -70,7 +71,7 @@ reward() {  # reward OMEGA: a fresh LoRA on the segment-SFT UNet ascends the ω-
     local omega=$1
     run "reward-$omega" python train.py --stage reward --data shapes --weights "$RUNS/sft-segment/pipeline" \
         --scorer "$PIPE/scorer" --direction "$PIPE/scorer/direction.safetensors" --omega "$omega" \
-        --steps "$REWARD_STEPS" --batch-size 8 --lr 2e-4 --warmup 5 --lora-rank 8 --rollout-steps 10 \
+        --steps "$REWARD_STEPS" --batch-size 8 --lr "$REWARD_LR" --warmup 5 --lora-rank 8 --rollout-steps 10 \
         --grad-stride 5 --cfg 3 --save-every 10 --sample-every 0 --workers 0 \
         --out "$RUNS/reward-$omega" --export "$RUNS/reward-$omega/pipeline" --resume
 }
