@@ -24,7 +24,7 @@ VAE_STEPS=${VAE_STEPS:-300}
 SFT_STEPS=${SFT_STEPS:-22000}
 SFT_DECAY_FROM=${SFT_DECAY_FROM:-19000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
-REWARD_LR=${REWARD_LR:-5e-5}  # 2e-4 and above cost facts (README: "Reward learning rate")
+REWARD_LR=${REWARD_LR:-5e-5}  # 2e-4 and above cost facts (README: the reward table)
 EVAL_SCENES=${EVAL_SCENES:-500}
 # How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
 # sample.py with no flags samples the shipped model the way it was measured.
