@@ -30,7 +30,7 @@ EVAL_SCENES=${EVAL_SCENES:-500}
 # sample.py with no flags samples the shipped model the way it was measured.
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}
 SAMPLE_CFG=${SAMPLE_CFG:-3}
-SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run whose pipeline ships as weights/mini: LongAlign S+R, the paper's ω (README)
+SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run that ships as weights/mini: LongAlign S+R at the paper's ω (README)
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
 # side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
