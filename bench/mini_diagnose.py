@@ -246,7 +246,8 @@ def main(argv=None) -> None:
     print(f"\nUNet: where does a generated object's colour come from? ({args.colour_scenes} held-out scenes, "
           "DPM-Solver++ 10 steps, CFG 3)\n")
     print("\n".join(colour_source_table(pipeline, args.colour_scenes)))
-    scorer_folder = args.scorer or next(f for f in (args.weights / "scorer", SHIPPED_SCORER) if f.is_dir())
+    own_scorer = args.weights / "scorer"
+    scorer_folder = args.scorer or (own_scorer if own_scorer.is_dir() else SHIPPED_SCORER)
     scorer = Scorer.load(scorer_folder, dtype=torch.float32)
     direction = score.find_direction(None, scorer_folder, scorer)
     print(f"\nScorer: does the true caption beat one with an error put in? ({args.scorer_scenes} held-out real "
