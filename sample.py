@@ -20,8 +20,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from model.diffusion import DDIMSampler, DPMSolverSampler, NoiseSchedule, sample_loop
-from model.longtext import LongPromptEncoder
+from model.longtext import RENAMED, STRATEGIES, DroppedTokensWarning, LongPromptEncoder, check_strategy
 from model.lora import load_lora, merge_lora
+from model.vae import to_uint8
 from model.weights import WeightsError, load_pipeline
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "mini"
@@ -37,6 +38,7 @@ SD15_SAMPLING = {"sampler": "ddim", "steps": 50, "cfg": 7.5}  # the defaults for
 SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler}
 MAX_STEPS = 999  # one step per training timestep at most
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ENCODINGS = ("auto", *STRATEGIES)
 
 
 def parse_args(argv=None):
@@ -61,11 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--out", type=Path, default=Path("out.png"),
                    help="output PNG; with --batch N > 1, files are numbered NAME-0.png, NAME-1.png, ...")
-    p.add_argument("--encoding", choices=["auto", "segment", "truncate", "chunk75", "keep-all", "no-sot"],
-                   default="auto", help="auto: the encoding the weights were fine-tuned with when train.py "
-                                        "recorded it (longalign.json), else LongAlign's segment encoding for "
-                                        "prompts over 77 tokens and plain 77-token CLIP otherwise; the others "
-                                        "force one strategy")
+    p.add_argument("--encoding", default="auto", metavar="{" + ",".join(ENCODINGS) + "}",
+                   help="auto: the encoding the weights were fine-tuned with when train.py recorded it "
+                        "(longalign.json), else LongAlign's segment encoding for prompts over 77 tokens and "
+                        "plain 77-token CLIP otherwise; the others force one strategy")
     p.add_argument("--max-tokens", type=int, default=240, help="context length of segment encoding (default 240)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="fp16 (default on CUDA), bf16, or fp32 (default and only choice on CPU)")
@@ -75,6 +76,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Refuse settings that would fail deep inside the model, with a message that names the fix."""
+    if args.encoding in RENAMED:
+        raise ValueError(f"--encoding {args.encoding} is now called --encoding {RENAMED[args.encoding]}; pass that")
+    if args.encoding not in ENCODINGS:
+        raise ValueError(f"unknown --encoding {args.encoding!r}; choose one of {', '.join(ENCODINGS)}")
     for side in ("height", "width"):
         value = getattr(args, side)
         if value is not None and (value <= 0 or value % 8):
@@ -125,8 +130,10 @@ def training_record(weights: Path) -> dict:
         return {}
     try:
         record = json.loads(record_file.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("encoding", ""), str):
+        encoding = record.get("encoding", "segment") if isinstance(record, dict) else None
+        if not isinstance(encoding, str):
             raise ValueError("expected an object whose 'encoding' is a string")
+        check_strategy(encoding)
         check_recommended_sampling(record.get("sampling", {}))
     except ValueError as err:  # json.JSONDecodeError included
         raise WeightsError(f"{record_file} is not a valid LongAlign record ({err}); delete it, or pass --encoding, "
@@ -156,13 +163,13 @@ def fill_sampling_defaults(args, record: dict):
 
 def choose_strategy(args, tokenizer, trained: str | None) -> str:
     """'auto': the encoding the weights were fine-tuned with, if they say; otherwise the paper's segment
-    concat for prompts over 77 tokens and plain CLIP, as SD-1.5 was trained, for prompts that fit."""
-    if args.encoding == "auto":
-        if trained is not None:
-            return trained
-        too_long = max(len(tokenizer.encode(text)) for text in (args.prompt, args.negative)) > 75
-        return "concat" if too_long else "truncate"
-    return "concat" if args.encoding == "segment" else args.encoding
+    encoding for prompts over 77 tokens and plain CLIP, as SD-1.5 was trained, for prompts that fit."""
+    if args.encoding != "auto":
+        return args.encoding
+    if trained is not None:
+        return trained
+    too_long = max(len(tokenizer.encode(text)) for text in (args.prompt, args.negative)) > 75
+    return "segment" if too_long else "truncate"
 
 
 def dropped_tokens_fix(what: str, strategy: str, dropped: int, max_tokens: int) -> str:
@@ -175,17 +182,16 @@ def dropped_tokens_fix(what: str, strategy: str, dropped: int, max_tokens: int) 
             "or shorten the prompt")
 
 
-def initial_latents(args, downsample: int, height: int, width: int, device, dtype):
+def initial_latents(args, vae, height: int, width: int, device, dtype):
     """Noise drawn on the CPU from the seed, as diffusers does, so the same seed gives the same image."""
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    shape = (args.batch, 4, height // downsample, width // downsample)
+    shape = vae.latent_shape(args.batch, height, width)
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(img)) for img in x]
+    return [Image.fromarray(np.ascontiguousarray(img)) for img in to_uint8(x).numpy()]
 
 
 def png_parameters(args, weights, strategy, height, width) -> PngInfo:
@@ -205,6 +211,38 @@ def output_paths(out: Path, batch: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
 
 
+def load_model(args, weights: Path, device, dtype):
+    """The pipeline in ``dtype`` on ``device``, with the --lora merged into its UNet."""
+    pipe = load_pipeline(weights, dtype=dtype, device=device)
+    if args.lora is not None:
+        load_lora(pipe.unet, args.lora)
+        merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
+    return pipe
+
+
+def encode_contexts(args, encoder: LongPromptEncoder, strategy: str, text_width: int):
+    """The conditional contexts (one per image) and the negative one (None without guidance), after saying
+    how the prompt was encoded and, for a prompt that does not fit, how to keep all of it."""
+    plans = {"prompt": encoder.plan(args.prompt)}
+    if args.cfg > 1:  # the negative is encoded only under guidance (below)
+        plans["negative prompt"] = encoder.plan(args.negative)
+    plan = plans["prompt"]
+    print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
+          f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
+          f"context {encoder.context_length} x {text_width}")
+    print(f"sampling: {args.sampler}, {args.steps} steps, CFG {args.cfg}")
+    for what, text_plan in plans.items():
+        if text_plan.tokens_dropped:
+            print(f"note: {dropped_tokens_fix(what, strategy, text_plan.tokens_dropped, args.max_tokens)}",
+                  file=sys.stderr)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DroppedTokensWarning)  # the note above already said it, with the fix
+        cond = encoder([args.prompt] * args.batch)
+        # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context
+        uncond = encoder([args.negative]) if args.cfg > 1 else None
+    return cond, uncond
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -213,44 +251,20 @@ def main(argv=None):
         weights = weights_path(args)
         record = training_record(weights)
         fill_sampling_defaults(args, record)
-        pipe = load_pipeline(weights, dtype=dtype, device=device)
-        if args.lora is not None:
-            load_lora(pipe.unet, args.lora)
-            merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
+        pipe = load_model(args, weights, device, dtype)
         strategy = choose_strategy(args, pipe.tokenizer, record.get("encoding"))
         encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
-        schedule = NoiseSchedule()
-        sampler = SAMPLERS[args.sampler](schedule, args.steps)
+        sampler = SAMPLERS[args.sampler](NoiseSchedule(), args.steps)
+        height, width = args.height or pipe.default_size, args.width or pipe.default_size
+        latents = initial_latents(args, pipe.vae, height, width, device, dtype)
     except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    height = args.height or pipe.default_size
-    width = args.width or pipe.default_size
 
-    plans = {"prompt": encoder.plan(args.prompt)}
-    if args.cfg > 1:  # the negative is encoded only under guidance (below)
-        plans["negative prompt"] = encoder.plan(args.negative)
-    plan = plans["prompt"]
-    print(f"encoding: {strategy}, {plan.segments} segments, {plan.tokens_used} tokens used"
-          f"{f', {plan.tokens_dropped} dropped' if plan.tokens_dropped else ''}; "
-          f"context {encoder.context_length} x {pipe.text_encoder.hidden_size}")
-    print(f"sampling: {args.sampler}, {args.steps} steps, CFG {args.cfg}")
-    for what, text_plan in plans.items():
-        if text_plan.tokens_dropped:
-            print(f"note: {dropped_tokens_fix(what, strategy, text_plan.tokens_dropped, args.max_tokens)}",
-                  file=sys.stderr)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the note above already said what was dropped and how to keep it
-        warnings.filterwarnings("ignore", message=".*dropped the prompt tokens that did not fit")
-        cond = encoder([args.prompt] * args.batch)
-        # as in diffusers, a scale <= 1 turns guidance off: the conditional ε alone, no negative context
-        uncond = encoder([args.negative]) if args.cfg > 1 else None
-
-    latents = initial_latents(args, pipe.vae.downsample_factor, height, width, device, dtype)
+    cond, uncond = encode_contexts(args, encoder, strategy, pipe.text_encoder.hidden_size)
     latents = sample_loop(pipe.unet, sampler, latents, cond, uncond, args.cfg)
     with torch.no_grad():
         images = to_images(pipe.vae.decode(latents / pipe.vae.scaling_factor))
-
     for image, path in zip(images, output_paths(args.out, args.batch)):
         image.save(path, pnginfo=png_parameters(args, weights, strategy, height, width))
         print(f"wrote {path}")

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.weights import SINGLE_FILE_PREFIXES, read_state_dict  # noqa: E402
+from model.convert import SINGLE_FILE_PREFIXES  # noqa: E402
+from model.weights import read_state_dict  # noqa: E402
 
 SHARES = {"unet": 0.80, "text_encoder": 0.12, "vae": 0.08}
 TENSOR_ELEMENTS = 2**20  # 2 MB per fp16 tensor

@@ -94,7 +94,8 @@ def main() -> None:
         error = (grad.float() - reference.float()).abs().max().item()
         results[name] = (time_it(lambda: forward_backward(fn, *inputs, args.omega), args.device, args.repeats), error)
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    on_gpu = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"score projection fwd+bwd, B={args.batch} S={args.segments} P={args.dim} {args.dtype} on {device_name}")
     baseline = results["eager twin"][0]
     moved = minimum_bytes(*inputs[:3])

@@ -2,7 +2,7 @@
 
 Times, in one run and with the same text encoder (the full ViT-L/14 text tower of SD-1.5, random weights):
   - the plain SD-1.5 encode of the prompt cut to 77 tokens ("truncate"),
-  - the segment encode of a ~230-token, 10-sentence prompt ("concat", the paper's variant),
+  - the segment encode of a ~230-token, 10-sentence prompt ("segment", the paper's variant),
   - the two parts of the segment encode on their own: the batched encoder forward and the concatenation.
 With ``--device cuda`` it also measures the concatenation kernel's achieved memory bandwidth on a large
 batch, next to its PyTorch twin and a plain device-to-device copy of the same output.
@@ -64,7 +64,7 @@ def bench_encode(args) -> None:
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CONFIGS["vit-l-14"].text).to(device=device, dtype=dtype).eval()
     tokenizer = CLIPTokenizer()
-    segment = LongPromptEncoder(tokenizer, text_encoder, max_tokens=240, strategy="concat")
+    segment = LongPromptEncoder(tokenizer, text_encoder, max_tokens=240, strategy="segment")
     plain = LongPromptEncoder(tokenizer, text_encoder, strategy="truncate")
     plan = segment.plan(PROMPT)
     n_tokens = len(tokenizer.encode(PROMPT))
@@ -80,7 +80,7 @@ def bench_encode(args) -> None:
     with torch.no_grad():
         rows.append(("plain encode, 77 tokens (truncate)", 1,
                      median_seconds(lambda: plain([PROMPT]), device, args.repeats)))
-        rows.append((f"segment encode, {segment.context_length} tokens (concat)", len(plan.blocks),
+        rows.append((f"segment encode, {segment.context_length} tokens (segment)", len(plan.blocks),
                      median_seconds(lambda: segment([PROMPT]), device, args.repeats)))
         rows.append(("  of which: encoder forward", len(plan.blocks),
                      median_seconds(lambda: text_encoder(ids), device, args.repeats)))
@@ -98,7 +98,7 @@ def bench_encode(args) -> None:
 
 
 def bench_kernel_bandwidth(args) -> None:
-    """Achieved bandwidth of the concat kernel vs its twin vs a device-to-device copy of the output."""
+    """Achieved bandwidth of the concatenation kernel vs its twin vs a device-to-device copy of the output."""
     import triton.testing
 
     dtype, dim, prompts, segments, max_tokens = DTYPES[args.dtype], 768, 256, 10, 240
@@ -117,13 +117,13 @@ def bench_kernel_bandwidth(args) -> None:
     moved = (rows_read + prompts * max_tokens) * dim * element  # read the kept rows, write every output row
     copy_source = torch.empty_like(out)
     results = [
-        ("concat kernel (Triton)", triton.testing.do_bench(lambda: concat_segments_triton(*args_)), moved),
-        ("concat twin (PyTorch)", triton.testing.do_bench(lambda: concat_segments_torch(*args_)), moved),
+        ("concatenation kernel (Triton)", triton.testing.do_bench(lambda: concat_segments_triton(*args_)), moved),
+        ("concatenation twin (PyTorch)", triton.testing.do_bench(lambda: concat_segments_torch(*args_)), moved),
         ("device-to-device copy of the output", triton.testing.do_bench(lambda: out.copy_(copy_source)),
          2 * out.numel() * element),
     ]
-    print(f"\nconcat of {prompts} prompts x {segments} segments -> [{prompts}, {max_tokens}, {dim}] {args.dtype}, "
-          f"{torch.cuda.get_device_name()}")
+    print(f"\nconcatenation of {prompts} prompts x {segments} segments -> [{prompts}, {max_tokens}, {dim}] "
+          f"{args.dtype}, {torch.cuda.get_device_name()}")
     print(f"{'':38s} {'ms':>8s} {'GB/s':>8s}")
     for label, ms, nbytes in results:
         print(f"{label:38s} {ms:8.3f} {nbytes / ms / 1e6:8.1f}")

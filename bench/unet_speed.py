@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import diffusers  # noqa: E402  (the reference; only this benchmark and the tests import it)
 
+from model.convert import unet_config_to_diffusers  # noqa: E402
 from model.unet import CONFIGS, UNet2DConditionModel  # noqa: E402
-from model.weights import unet_config_to_diffusers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

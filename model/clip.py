@@ -1,6 +1,7 @@
 """CLIP: the text encoder of Stable Diffusion 1.5 and the image+text model behind every preference scorer.
 
-One pre-LayerNorm transformer serves both towers (FACTS.md §2 "Text encoder", §3):
+One pre-LayerNorm transformer serves both towers (Radford et al. 2021, "Learning Transferable Visual Models
+From Natural Language Supervision"; the layout of transformers' ``CLIPModel``):
 
     x = x + self_attn(layer_norm1(x))        # causal in the text tower, full in the vision tower
     x = x + mlp(layer_norm2(x))              # fc1 -> quick_gelu (ViT-L/14) or exact GELU (ViT-H/14) -> fc2
@@ -12,10 +13,10 @@ One pre-LayerNorm transformer serves both towers (FACTS.md §2 "Text encoder", �
 - ``CLIPModel`` projects both pooled vectors (Linear, no bias) into one shared space.
 
 Module attribute names follow transformers' key names (misspelt ``pre_layrnorm`` included), so a
-transformers state dict loads with no renaming. ``model/weights.py`` converts the other layouts.
+transformers state dict loads with no renaming. ``model/convert.py`` converts the other layouts.
 
-The second half of the file is the scorers' image preprocessing (FACTS.md §3), written in torch so the
-reward stage can backpropagate through it.
+The second half of the file is the scorers' image preprocessing (transformers' ``CLIPImageProcessor`` and
+open_clip's HPSv2 transform), written in torch so the reward stage can backpropagate through it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-LAYER_NORM_EPS = 1e-5  # every public CLIP tower (FACTS.md §2)
+LAYER_NORM_EPS = 1e-5  # every public CLIP tower
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +105,13 @@ CONFIGS = {
         vision=VisionConfig(width=1280, layers=32, heads=16, mlp=5120, act="gelu", patch_size=14,
                             image_size=224),
         projection_dim=1024),
-    # For tests: the real classes, the real vocabulary and image size, tiny widths (64-wide heads, so the
+    # For tests: the real classes, the real vocabulary and image size, small widths (64-wide heads, so the
     # open_clip rule "heads = width / 64" holds here too).
-    "tiny": CLIPConfig(
+    "test": CLIPConfig(
         text=TextConfig(width=128, layers=2, heads=2, mlp=256, act="gelu", vocab_size=49408, max_positions=77),
         vision=VisionConfig(width=128, layers=2, heads=2, mlp=256, act="gelu", patch_size=32, image_size=224),
         projection_dim=64),
-    # The shipped miniature (issue 7): scorer and frozen text encoder of the shapes world, sized for a CPU.
+    # The shipped miniature: scorer and frozen text encoder of the shapes world, sized for a CPU.
     # The text is narrow because its 49408-row token table is stored twice (scorer/ and text_encoder/); the
     # 7×7 patches of the 224-px input are enough to tell nine flat-coloured cells apart.
     "mini": CLIPConfig(
@@ -124,7 +125,7 @@ CONFIGS = {
 # The transformer block shared by both towers
 # ----------------------------------------------------------------------------------------------------------
 
-class Attention(nn.Module):
+class CLIPAttention(nn.Module):
     """Multi-head self-attention; all four projections carry a bias in both towers."""
 
     def __init__(self, width: int, heads: int, causal: bool):
@@ -146,7 +147,7 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class MLP(nn.Module):
+class CLIPMLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str):
         super().__init__()
         self.act = ACTIVATIONS[act]
@@ -157,25 +158,25 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class EncoderLayer(nn.Module):
+class CLIPEncoderLayer(nn.Module):
     """One pre-LN residual block: attention, then the MLP."""
 
     def __init__(self, cfg: TowerConfig, causal: bool):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
-        self.self_attn = Attention(cfg.width, cfg.heads, causal)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
-        self.mlp = MLP(cfg.width, cfg.mlp, cfg.act)
+        self.mlp = CLIPMLP(cfg.width, cfg.mlp, cfg.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Encoder(nn.Module):
+class CLIPEncoder(nn.Module):
     def __init__(self, cfg: TowerConfig, causal: bool):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg, causal) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -209,7 +210,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = TextEmbeddings(cfg)
-        self.encoder = Encoder(cfg, causal=True)
+        self.encoder = CLIPEncoder(cfg, causal=True)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,7 @@ class CLIPTextTransformer(nn.Module):
         return self.final_layer_norm(self.encoder(self.embeddings(ids)))
 
     def pool(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The state at the FIRST ``<eot>`` of each row (FACTS.md §3): [B, L, W] -> [B, W].
+        """The state at the FIRST ``<eot>`` of each row, as CLIP pools text: [B, L, W] -> [B, W].
 
         The first, because SD-1.5 pads with ``<eot>`` too; ``argmax`` over a bool mask returns the first hit.
         """
@@ -285,7 +286,7 @@ class CLIPVisionTransformer(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)  # sic: the public key name
-        self.encoder = Encoder(cfg, causal=False)
+        self.encoder = CLIPEncoder(cfg, causal=False)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=LAYER_NORM_EPS)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -323,7 +324,7 @@ class CLIPModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Image preprocessing for the scorers (FACTS.md §3)
+# Image preprocessing for the scorers
 # ----------------------------------------------------------------------------------------------------------
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -340,7 +341,7 @@ def preprocess_tensor(pixels: torch.Tensor, pad_to_square: bool = False, size: i
     - ``pad_to_square=True`` (HPSv2; open_clip's ResizeMaxSize): longest side to ``size``, then zero-pad
       (black, before normalization) to a square, the extra pixel going right / bottom.
     - ``random_crop=c``: first cut one random c×c window, the same for the whole batch (the official reward
-      stage: 504 of 512, FACTS.md §1 "Training stages"); ``generator`` makes it reproducible.
+      stage: 504 of 512, as the authors' release does); ``generator`` makes it reproducible.
 
     Resizing is bicubic with antialiasing, the filter PIL uses (a = -0.5, widened when shrinking), clamped
     to [0, 1] as PIL's 8-bit output is.

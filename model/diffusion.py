@@ -1,4 +1,4 @@
-"""Noise schedule and samplers for Stable Diffusion 1.5 (FACTS.md §2 "Noise schedule and sampling").
+"""Noise schedule and samplers for Stable Diffusion 1.5, and the reward stage's rollout (LongAlign §4).
 
 Notation, shared by the DDPM, DDIM and DPM-Solver papers:
     ᾱ_t   = alphas_cumprod[t], the fraction of signal power left at training step t
@@ -20,6 +20,7 @@ Sampling with a UNet: `sample_loop(unet, sampler, latents, cond, uncond, scale)`
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 SPACINGS = ("leading", "trailing")
@@ -28,7 +29,7 @@ SPACINGS = ("leading", "trailing")
 class NoiseSchedule:
     """SD-1.5's "scaled_linear" DDPM schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)**2.
 
-    ᾱ_0 = 0.99915 and ᾱ_999 ≈ 0.0046601 (FACTS.md §2). The original LDM code also builds it in float64;
+    ᾱ_0 = 0.99915 and ᾱ_999 ≈ 0.0046601. The original LDM code also builds it in float64;
     diffusers builds it in float32, which differs by up to 1e-6 relative.
     """
 
@@ -142,7 +143,7 @@ class DDIMSampler:
 
     The last step goes to t = 0, i.e. ᾱ_0 = 0.99915, not to ᾱ = 1 (SD-1.5's set_alpha_to_one = False).
     Each step goes to the NEXT LISTED timestep. diffusers instead always steps back by T // n (diffusers
-    issues #9261, #12633); the two agree for "leading", and for "trailing" whenever n divides 1000 (LongAlign's
+    GitHub threads 9261 and 12633); the two agree for "leading", and for "trailing" whenever n divides 1000 (LongAlign's
     50 steps included).
     """
 
@@ -258,3 +259,40 @@ def sample_loop(unet, sampler, latents, cond, uncond, scale, progress=True):
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc="sampling", disable=not progress)):
         x = sampler.step(guided_eps(unet, x, t, cond, uncond, scale), i, x)
     return x.to(latents.dtype)
+
+
+def denoising_loss(unet, schedule: NoiseSchedule, latents, context, noise, timesteps) -> torch.Tensor:
+    """DDPM's ε-prediction objective ("L_simple"): x_t = α_t·x0 + σ_t·ε, loss = mean |ε − unet(x_t, t, c)|².
+
+    LongAlign's first stage trains on it unchanged; only the context c (segment-level, §3) is new.
+    """
+    noisy = schedule.add_noise(latents.float(), noise, timesteps)
+    return torch.nn.functional.mse_loss(unet(noisy, timesteps, context).float(), noise)
+
+
+def gradient_steps(num_steps: int, stride: int, offset: int) -> set[int]:
+    """The rollout steps that carry gradient: steps[offset::stride] (50 steps, stride 10: five of them)."""
+    return set(range(num_steps)[offset::stride])
+
+
+def rollout(unet, sampler: DDIMSampler, noise, cond, uncond, scale: float, grad_steps: set[int]) -> torch.Tensor:
+    """Deterministic DDIM with CFG from pure noise to the x0-prediction of the last step (LongAlign §4).
+
+    - At a step in ``grad_steps`` the guided UNet call is checkpointed (only its inputs are stored; it is
+      recomputed during backward) and its input latent is DETACHED: no gradient runs back through the UNet
+      into earlier steps.
+    - Every other step runs under no_grad and records no UNet graph.
+    - The DDIM update x_{i+1} = a_i·x_i + b_i·ε_i stays in the graph, so the ε of a gradient step still
+      reaches the final image through the linear coefficients of all later steps.
+    """
+    x = noise.float()
+    timesteps = sampler.timesteps.tolist()
+    for i, t in enumerate(timesteps):
+        if i in grad_steps:
+            eps = checkpoint(guided_eps, unet, x.detach(), t, cond, uncond, scale, use_reentrant=False)
+        else:
+            with torch.no_grad():
+                eps = guided_eps(unet, x, t, cond, uncond, scale)
+        if i < len(timesteps) - 1:
+            x = sampler.step(eps, i, x)
+    return sampler.schedule.predict_x0(x, eps, timesteps[-1])

@@ -69,7 +69,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 # block. The context for a prompt keeps a contiguous run of rows from each of its
 # blocks (for the paper's variant: <sot> plus the content tokens), puts the runs
 # one after another, cuts the result at `max_tokens` rows and fills the rest with
-# the fixed vector <pad*> (FACTS.md §1 "Segment-level text encoding").
+# the fixed vector <pad*>, the mean of rows 17..76 of the empty prompt's encoding.
 #
 # Layout of the inputs, shared by twin and kernel:
 #   hidden               [S, L, D]  encoder output of all S segments, prompt by prompt
@@ -217,7 +217,7 @@ class ScoreParts(NamedTuple):
 
 
 def segment_text_embedding(segment_embeddings: torch.Tensor, segment_mask: torch.Tensor) -> torch.Tensor:
-    """C_P: the plain mean of the L2-normalized segment embeddings of each prompt (FACTS.md §1).
+    """C_P: the plain mean of the L2-normalized segment embeddings of each prompt (LongAlign §4).
 
     ``segment_embeddings`` [B, S, P] (raw projections), ``segment_mask`` [B, S] (True = a real segment).
     The mean is deliberately NOT renormalized, so C_X·C_P is the mean of the per-segment cosines.
@@ -228,7 +228,11 @@ def segment_text_embedding(segment_embeddings: torch.Tensor, segment_mask: torch
 
 
 def reweighted_text(text_embedding: torch.Tensor, direction: torch.Tensor, omega: float) -> torch.Tensor:
-    """T' = T − (1−ω)(T·V)V = C_P⊥ + ω·η·V (LongAlign §4): shrink the common-direction part by ω."""
+    """T' = T − (1−ω)(T·V)V = C_P⊥ + ω·η·V (LongAlign §4): shrink the common-direction part by ω.
+
+    The one definition of the split along the unit common direction V: ω = 0 gives the text-relevant part
+    C_P⊥ = C_P − ηV, ω = 1 gives C_P back. ``text_embedding`` is [..., P], ``direction`` [P].
+    """
     eta = text_embedding @ direction
     return text_embedding - (1.0 - omega) * eta[..., None] * direction
 
@@ -248,7 +252,7 @@ def score_projection_torch(image_embeddings: torch.Tensor, segment_embeddings: t
     text = segment_text_embedding(segment_embeddings.to(dtype), segment_mask)
     direction = F.normalize(direction.to(dtype), dim=0)
     eta = text @ direction
-    relevant = (image_unit * (text - eta[:, None] * direction)).sum(-1)
+    relevant = (image_unit * reweighted_text(text, direction, 0.0)).sum(-1)
     irrelevant = eta * (image_unit @ direction)
     score = (image_unit * reweighted_text(text, direction, omega)).sum(-1)
     original = (image_unit * text).sum(-1)

@@ -2,7 +2,7 @@
 
 CLIP's text encoder sees at most 77 tokens, so SD-1.5 silently drops everything after the first 75
 tokens of a prompt. LongAlign splits the prompt into sentences, encodes every sentence on its own, and
-concatenates the encodings into one longer context for the UNet's cross-attention (FACTS.md §1):
+concatenates the encodings into one longer context for the UNet's cross-attention:
 
     "A red fox sits. It is snowing!"   ->   segments "A red fox sits."  and  "It is snowing!"
 
@@ -20,7 +20,7 @@ unconditional contexts always have the same length.
 
 The gather/truncate/pad step is ``model.kernels.concat_segments`` (a Triton kernel on CUDA, its PyTorch
 twin elsewhere). Other strategies are here for the comparisons in the paper's Figure 10 and for what users
-know from other tools (FACTS.md §5); see :data:`STRATEGIES`.
+know from other tools (the 75-token chunking of AUTOMATIC1111's web UI and compel); see :data:`STRATEGIES`.
 """
 from __future__ import annotations
 
@@ -37,12 +37,18 @@ SEGMENT_TOKENS = CONTEXT_LENGTH - 2  # content tokens per 77-token block, betwee
 PAD_STAR_ROWS = slice(17, CONTEXT_LENGTH)  # the last 60 rows of the empty prompt give <pad*>
 
 STRATEGIES = {
-    "concat": "the paper's: per sentence keep <sot> + content, drop <eot>/<pad>; max_tokens rows, <pad*> fill",
-    "no-sot": "like concat but keep only the content tokens (no separators)",
+    "segment": "the paper's: per sentence keep <sot> + content, drop <eot>/<pad>; max_tokens rows, <pad*> fill",
+    "no-sot": "like segment but keep only the content tokens (no separators)",
     "keep-all": "per sentence keep the whole 77-token block (naive concatenation); max_tokens rows",
     "chunk75": "A1111/compel: 75-token chunks of the whole prompt, each [sot]+75+[eot], 77*(max_tokens//77) rows",
     "truncate": "plain SD-1.5: the first 75 tokens, 77 rows",
 }
+RENAMED = {"concat": "segment"}  # earlier names of a strategy -> its name now
+
+
+class DroppedTokensWarning(UserWarning):
+    """Some prompt tokens did not fit the context and were left out; silence it by category, not by text."""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Sentence splitting
@@ -83,7 +89,7 @@ def _ends_sentence(line: str, match: re.Match) -> bool:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split ``text`` into sentences: LongAlign's segments (paper §3, FACTS.md §1).
+    """Split ``text`` into sentences: LongAlign's segments (paper §3).
 
     Splits after ``.``, ``!``, ``?``, ``;`` (and ``。！？；``) and at line breaks. Does not split inside decimals,
     URLs or file names (a Latin ``.`` must be followed by whitespace), after abbreviations such as "e.g.",
@@ -153,7 +159,7 @@ def _content_rows(start: int, taken: int, n_content: int) -> int:
 
 def _kept_run(strategy: str, n_content: int) -> tuple[int, int]:
     """(start, length) of the rows a sentence strategy keeps from a block ``[sot] + content + [eot] + pads``."""
-    if strategy == "concat":
+    if strategy == "segment":
         return 0, 1 + n_content
     if strategy == "no-sot":
         return 1, n_content
@@ -161,7 +167,7 @@ def _kept_run(strategy: str, n_content: int) -> tuple[int, int]:
 
 
 def plan_sentences(segments: list[list[int]], strategy: str, max_tokens: int) -> PromptPlan:
-    """Plan for the sentence strategies (concat, no-sot, keep-all): runs in order, cut at ``max_tokens``.
+    """Plan for the sentence strategies (segment, no-sot, keep-all): runs in order, cut at ``max_tokens``.
 
     A segment whose run would start at or after ``max_tokens`` is not encoded at all.
     """
@@ -195,6 +201,15 @@ def plan_chunks(ids: list[int], n_chunks: int) -> PromptPlan:
 # The encoder
 # ---------------------------------------------------------------------------------------------------------
 
+def check_strategy(strategy: str) -> None:
+    """Raise a one-line ValueError for a name that is not in :data:`STRATEGIES`, naming the right one."""
+    if strategy in RENAMED:
+        raise ValueError(f"the strategy {strategy!r} is now called {RENAMED[strategy]!r}; "
+                         f"pass {RENAMED[strategy]!r} instead.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+
+
 class LongPromptEncoder:
     """Prompts of any length -> cross-attention contexts ``[B, context_length, D]`` (LongAlign §3).
 
@@ -207,9 +222,8 @@ class LongPromptEncoder:
     """
 
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, max_tokens: int = 240,
-                 strategy: str = "concat", merge_short: bool = False):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+                 strategy: str = "segment", merge_short: bool = False):
+        check_strategy(strategy)
         min_tokens = CONTEXT_LENGTH if strategy == "chunk75" else 1
         if not isinstance(max_tokens, int) or max_tokens < min_tokens:
             raise ValueError(f"max_tokens must be an int >= {min_tokens} for strategy {strategy!r}, "
@@ -235,7 +249,7 @@ class LongPromptEncoder:
         return plan_sentences(segments, self.strategy, self.max_tokens)
 
     def pad_star(self) -> torch.Tensor:
-        """<pad*> [D]: the mean of rows 17..76 of the empty prompt's encoding (FACTS.md §1), cached."""
+        """<pad*> [D]: the mean of rows 17..76 of the empty prompt's encoding (paper §3), cached."""
         weight = next(self.text_encoder.parameters())
         if self._pad_star is None:
             with torch.no_grad():
@@ -265,4 +279,5 @@ class LongPromptEncoder:
         if dropped:
             fix = "use a longer strategy" if self.strategy == "truncate" else "raise max_tokens"
             warnings.warn(f"{self.strategy} encoding into {self.context_length} context rows dropped the prompt "
-                          f"tokens that did not fit ({'; '.join(dropped)}); {fix} to keep them.", stacklevel=3)
+                          f"tokens that did not fit ({'; '.join(dropped)}); {fix} to keep them.",
+                          DroppedTokensWarning, stacklevel=3)

@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA) for the UNet's Linear and Conv2d layers.
 
-LongAlign trains a rank-32 LoRA in both stages (FACTS.md §1, "Training stages"): in supervised fine-tuning, and
+LongAlign trains a rank-32 LoRA (Hu et al. 2021) in both stages: in supervised fine-tuning, and
 again, freshly initialised on top of the merged SFT weights, in reward fine-tuning. A LoRA layer computes
 
     y = W x + b + (alpha / r) · up(down(x))
@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.weights import WeightsError, _mismatch_report, read_state_dict, save_state_dict
+from model.convert import Layout, WeightsError
+from model.weights import check_state_dict, read_state_dict, save_state_dict
 
-# The official placement (FACTS.md §1, Stage 2): every Linear/Conv2d of the ResNet blocks, of self-attention
-# (attn1), of cross-attention (attn2; the official note says results are poor without it) and of the GEGLU
-# feed-forward. Matched with re.search against the full module name, e.g.
+# Where the adapters go: every Linear/Conv2d of the ResNet blocks, of self-attention (attn1), of
+# cross-attention (attn2; the authors' release notes that results are poor without it) and of the
+# feed-forward (the GEGLU projection and the output Linear). Matched with re.search against the full module name, e.g.
 # "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".
 DEFAULT_PATTERNS = (
     r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)$",
@@ -162,7 +163,7 @@ def inject_lora(model: nn.Module, rank: int = 32, patterns: Iterable[str] = DEFA
         raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers. To start a fresh LoRA on top of them, call "
-                         "merge_and_unload(model) first (FACTS.md §1, Stage 2).")
+                         "merge_and_unload(model) first.")
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     compiled = [re.compile(p) for p in patterns]
     targets = [name for name, module in model.named_modules()
@@ -245,12 +246,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
     if not lora_layers(model):
         _inject_like(model, state, source)
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
-    if missing or unexpected or wrong_shape:
-        raise WeightsError(_mismatch_report(type(model).__name__, f"LoRA ({source})", missing, unexpected,
-                                            wrong_shape, state, expected))
+    check_state_dict(state, expected, type(model).__name__, Layout.LORA, source)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             if layer.merged:
@@ -291,3 +287,33 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """
     load_lora_state_dict(model, read_state_dict(path), source=str(path))
     return list(lora_layers(model))
+
+
+def stack_loras(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One LoRA state dict that applies ``first`` and then ``second``; its rank is the sum of theirs.
+
+    Two LoRAs on one layer add their changes, and a sum of two low-rank products is one product of the
+    stacked factors:
+
+        ΔW = s1·U1·D1 + s2·U2·D2 = [s1·U1, s2·U2] · [D1; D2],   s = alpha / rank.
+
+    The scales are folded into the up weights and alpha is set to the new rank (scale 1). The reward LoRA,
+    trained on top of the merged SFT LoRA (the paper's "S+R" model, Table 2), so ships as one file for the
+    original SD-1.5 weights, with no renaming between the stages.
+    """
+    suffix = ".lora_down.weight"
+    modules = sorted(key[:-len(suffix)] for key in first if key.endswith(suffix))
+    if modules != sorted(key[:-len(suffix)] for key in second if key.endswith(suffix)):
+        raise ValueError("the two LoRAs wrap different modules, so they cannot be stacked into one file")
+    stacked = {}
+    for name in modules:
+        downs, ups = [], []
+        for state in (first, second):
+            down, up = state[name + suffix].float().cpu(), state[f"{name}.lora_up.weight"].float().cpu()
+            alpha = float(state.get(f"{name}.alpha", down.shape[0]))
+            downs.append(down)  # [r, in] or [r, in, kh, kw]
+            ups.append(up * (alpha / down.shape[0]))  # [out, r] or [out, r, 1, 1]
+        stacked[name + suffix] = torch.cat(downs, dim=0)
+        stacked[f"{name}.lora_up.weight"] = torch.cat(ups, dim=1)
+        stacked[f"{name}.alpha"] = torch.tensor(float(stacked[name + suffix].shape[0]))
+    return stacked

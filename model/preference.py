@@ -1,7 +1,7 @@
 """LongAlign §4: preference scores for long prompts, and their text-relevant / text-irrelevant parts.
 
 Every scorer here (CLIP-H, PickScore, HPSv2, Denscore) is a CLIP model; its score is a cosine, with no
-logit scale (FACTS.md §1 "Preference scores"). For a long prompt the score is segment-level:
+logit scale (paper §4, and the official LongAlign reward code). For a long prompt the score is segment-level:
 
     each sentence -> its own 77-token encoding -> L2-normalize -> plain mean C_P (not renormalized)
     score = C_X · C_P  = the mean of the per-sentence cosines          (C_X: the normalized image embedding)
@@ -16,12 +16,14 @@ stage therefore trains on score_ω = relevant + ω·irrelevant (ω = 0.3 in the 
 its twin are ``model.kernels.score_projection``.
 
 V is fitted on a corpus of prompts and saved as a small safetensors file (:func:`fit_direction`,
-:func:`save_direction`), or taken from the current batch as the official training code does
-(:func:`batch_direction`, which sums over every rank under torch.distributed).
+:func:`save_direction`; :func:`find_direction` looks for it beside a scorer), or taken from the current batch
+as the official training code does (:func:`batch_direction`, which sums over every rank under
+torch.distributed). The retrieval of the paper's Tables 1 and 4 is :func:`recall_table`.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +36,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model.clip import CLIPModel, pil_to_tensor, preprocess_tensor
-from model.kernels import ScoreParts, score_projection, segment_text_embedding
+from model.convert import Layout
+from model.kernels import ScoreParts, reweighted_text, score_projection, segment_text_embedding
 from model.longtext import sentence_segments, split_sentences
 from model.tokenizer import CONTEXT_LENGTH, CLIPTokenizer, frame
 from model.weights import WeightsError, load_clip, read_state_dict
+
+TEXT_BATCH = 64  # prompts per text-encoder pass when embedding a corpus
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ from model.weights import WeightsError, load_clip, read_state_dict
 
 @dataclass(frozen=True)
 class ScorerKind:
-    """What differs between the public scorers once their weights are loaded (FACTS.md §3, §4)."""
+    """What differs between the public scorers once their weights are loaded: preprocessing and text padding."""
     name: str
     pad_to_square: bool  # HPSv2: longest side to 224 + zero pad; the others: shortest side + centre crop
     pad_token_id: int  # all pad text with 0; under the causal mask it cannot change the pooled <eot> state
@@ -72,7 +77,7 @@ def infer_kind(path: str | os.PathLike, layout: str, kind: str | None = None) ->
         if kind not in KINDS:
             raise ValueError(f"unknown scorer kind '{kind}': use one of {', '.join(KINDS)}")
         return KINDS[kind]
-    if "open_clip" in layout:
+    if layout == Layout.OPEN_CLIP:
         return KINDS["hpsv2"]
     name = str(path).lower()
     for hint in ("pickscore", "denscore", "hps"):
@@ -150,9 +155,11 @@ class Scorer:
         return torch.cat([preprocess_tensor(pil_to_tensor(image)[None].to(self.device), self.kind.pad_to_square)
                           for image in images])
 
-    def encode_images(self, images: list[Image.Image] | torch.Tensor, **crop) -> torch.Tensor:
+    def encode_images(self, images: list[Image.Image] | torch.Tensor, random_crop: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw image embeddings [B, P] (projected, not normalized); keeps the graph of a tensor input."""
-        return self.model.encode_image(self.prepare_images(images, **crop).to(self.device))
+        pixels = self.prepare_images(images, random_crop=random_crop, generator=generator)
+        return self.model.encode_image(pixels.to(self.device))
 
     # -- text --------------------------------------------------------------------------------------------
 
@@ -197,14 +204,18 @@ class Scorer:
 
     def score(self, images: list[Image.Image] | torch.Tensor, prompts: list[str],
               direction: torch.Tensor | None = None, omega: float = 1.0, single: bool = False,
-              max_sentences: int | None = None, **crop) -> ScoreParts:
-        """Per pair (image i, prompt i): the reweighted score (with gradient to a tensor image) and its parts.
+              max_sentences: int | None = None, random_crop: int | None = None,
+              generator: torch.Generator | None = None) -> ScoreParts:
+        """Per pair (image i, prompt i): the ω-reweighted score and its parts (LongAlign §4), the reward.
 
+        ``images`` are PIL images or a float tensor [B, 3, H, W] in [0, 1]; a tensor keeps its graph, so
+        ``score`` carries the gradient to the pixels. ``random_crop`` takes one random square window of that
+        side first (drawn from ``generator``), as the official reward code does before resizing to 224.
         ``direction`` is V [P] (see :func:`load_direction`); None takes it from this batch of prompts,
-        gathered across ranks, as the official reward code does.
+        gathered across ranks, as the official reward code does. The prompts' text is encoded without grad.
         """
         encoded = self.encode_prompts(prompts, single=single, max_sentences=max_sentences)
-        image_embeddings = self.encode_images(images, **crop)
+        image_embeddings = self.encode_images(images, random_crop=random_crop, generator=generator)
         if image_embeddings.shape[0] != len(encoded.segments):
             raise ValueError(f"{image_embeddings.shape[0]} images but {len(encoded.segments)} prompts; "
                              "pass one prompt per image")
@@ -213,6 +224,24 @@ class Scorer:
         check_direction(direction, self.embed_dim)
         return score_projection(image_embeddings, encoded.segments, encoded.mask(), direction.to(self.device),
                                 omega)
+
+
+def prompt_embeddings(scorer: Scorer, prompts: list[str], single: bool = False,
+                      max_sentences: Sequence[int | None] = (None,), batch_size: int = TEXT_BATCH,
+                      progress: bool | None = None) -> dict[int | None, torch.Tensor]:
+    """C_P [N, P] on the CPU for every value in ``max_sentences`` (None: all sentences), from ONE encoding pass.
+
+    ``single`` encodes each whole prompt as one 77-token text (Table 1's "Single"), where ``max_sentences``
+    has no effect. The progress bar shows when there is more than one batch, unless ``progress`` says.
+    """
+    out = {k: [] for k in max_sentences}
+    show = len(prompts) > batch_size if progress is None else progress
+    for start in tqdm(range(0, len(prompts), batch_size), desc="text" + (" (single)" if single else ""),
+                      disable=not show):
+        encoded = scorer.encode_prompts(prompts[start:start + batch_size], single=single)
+        for k in max_sentences:
+            out[k].append(encoded.prompt_embedding(None if single else k).cpu())
+    return {k: torch.cat(parts) for k, parts in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +267,8 @@ def batch_direction(text_embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(total / count, dim=0)
 
 
-def fit_direction(scorer: Scorer, prompts: list[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+def fit_direction(scorer: Scorer, prompts: list[str], batch_size: int = TEXT_BATCH,
+                  progress: bool = True) -> torch.Tensor:
     """V from a corpus of prompts (the paper's definition): the normalized mean of their C_P."""
     if not prompts:
         raise ValueError("fitting a common direction needs at least one prompt")
@@ -249,6 +279,7 @@ def fit_direction(scorer: Scorer, prompts: list[str], batch_size: int = 64, prog
 
 
 DIRECTION_KEY = "direction"
+DIRECTION_FILE = "direction.safetensors"  # V's usual place: beside the scorer it was fitted with
 
 
 def save_direction(path: str | os.PathLike, direction: torch.Tensor, scorer: Scorer, num_prompts: int) -> None:
@@ -276,6 +307,20 @@ def load_direction(path: str | os.PathLike, embed_dim: int | None = None) -> tor
     return F.normalize(direction, dim=0)
 
 
+def find_direction(path: str | os.PathLike | None, scorer_location: str | os.PathLike,
+                   embed_dim: int) -> torch.Tensor | None:
+    """V from ``path``; when that is None, from :data:`DIRECTION_FILE` beside the scorer, or None if there is none.
+
+    ``scorer_location`` is the scorer's folder or file; the size check is that of :func:`load_direction`.
+    """
+    if path is None:
+        location = Path(scorer_location)
+        path = (location if location.is_dir() else location.parent) / DIRECTION_FILE
+        if not path.is_file():
+            return None
+    return load_direction(path, embed_dim)
+
+
 def check_direction(direction: torch.Tensor, embed_dim: int) -> None:
     if tuple(direction.shape) != (embed_dim,):
         raise ValueError(f"the common direction has shape {tuple(direction.shape)}, but this scorer embeds "
@@ -297,9 +342,7 @@ def similarities(text_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
     text = text_embeddings.float()
     scores = {"original": text @ image_unit.T}
     if direction is not None:
-        direction = direction.to(text)
-        relevant_text = text - (text @ direction)[:, None] * direction  # C_P⊥ = C_P − ηV
-        scores["relevant"] = relevant_text @ image_unit.T
+        scores["relevant"] = reweighted_text(text, direction.to(text), 0.0) @ image_unit.T  # C_P⊥ = C_P − ηV
     return scores
 
 
@@ -307,3 +350,19 @@ def recall_at_1(similarity: torch.Tensor) -> float:
     """Text→image R@1 (%) when text i belongs with image i: how often image i is the top match of text i."""
     best = similarity.argmax(dim=1)
     return 100.0 * (best == torch.arange(len(best), device=best.device)).float().mean().item()
+
+
+def recall_table(text_columns: dict[str, torch.Tensor], image_embeddings: torch.Tensor,
+                 direction: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Text→image R@1 (%) of the paper's Tables 1 and 4: ``{"original" | "relevant": {column: R@1}}``.
+
+    Each column of ``text_columns`` holds prompt embeddings C_P [N, P] whose row i describes image i of
+    ``image_embeddings`` [N, P] (raw): Table 1's "single" (77-token truncation) and "average" (mean over
+    sentences), or Table 4's sentence counts. Rows: the original C(p) and the text-relevant C⊥(p).
+    """
+    table = {"original": {}, "relevant": {}}
+    for column, text in text_columns.items():
+        for row, matrix in similarities(text, image_embeddings, direction).items():
+            table[row][column] = recall_at_1(matrix)
+    return table
+

@@ -1,4 +1,4 @@
-"""The CLIP byte-pair-encoding tokenizer, giving exactly the ids of OpenAI's CLIP tokenizer (FACTS.md §4).
+"""The CLIP byte-pair-encoding tokenizer, giving exactly the ids of OpenAI's CLIP tokenizer.
 
 Every text passes through four stages:
 1. cleanup in Python, as OpenAI does it: ftfy's ``fix_text``, ``html.unescape`` twice, whitespace collapsed
@@ -31,7 +31,7 @@ import torch
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 
-from model.weights import WeightsError
+from model.convert import WeightsError
 
 SOT = 49406  # <|startoftext|>
 EOT = 49407  # <|endoftext|>; SD-1.5 also pads with it
@@ -43,10 +43,10 @@ END_OF_WORD = "</w>"
 NUM_MERGES = 48_894  # 49408 ids - 2 * 256 byte symbols - 2 control tokens
 BUNDLED_BPE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
-# CLIP's pre-tokenizer (FACTS.md §4). OpenAI compiles it case-insensitively; that matters even after
-# lowercasing, because the long s in "it'ſ" folds to "s" and joins the contraction "'s". Only the contractions
-# get the flag here: in this regex engine a case-insensitive [\p{L}] would also take U+0345 (which folds to a
-# Greek iota), and OpenAI's does not.
+# CLIP's pre-tokenizer (OpenAI's ``simple_tokenizer.py``). OpenAI compiles it case-insensitively; that
+# matters even after lowercasing, because the long s in "it'ſ" folds to "s" and joins the contraction "'s".
+# Only the contractions get the flag here: in this regex engine a case-insensitive [\p{L}] would also take
+# U+0345 (which folds to a Greek iota), and OpenAI's does not.
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 # Unicode White_Space, which is what OpenAI's regex-module ``\s`` matches. Python's ``\s`` also matches the
@@ -81,7 +81,7 @@ def clean_text(text: str) -> str:
 def frame(ids: list[int], context_length: int = CONTEXT_LENGTH, pad_token_id: int = EOT) -> list[int]:
     """``[SOT] + ids + [EOT]``, cut so that EOT keeps the last slot, then padded to ``context_length``.
 
-    SD-1.5 pads with EOT (49407); OpenAI CLIP, open_clip and HPSv2 pad with 0 (FACTS.md §4).
+    SD-1.5 pads with EOT (49407); OpenAI CLIP, open_clip and HPSv2 pad with 0.
     """
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (room for SOT and EOT); got {context_length}")
@@ -205,6 +205,13 @@ class CLIPTokenizer:
             raise ValueError(f"ids outside the vocabulary (0..{self.vocab_size - 1}): {unknown[:8]}")
         data = bytearray(self._byte_of_symbol[c] for i in ids for c in self._id_to_token[i])
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+
+def load_tokenizer(weights: str | os.PathLike) -> CLIPTokenizer:
+    """The tokenizer that goes with ``weights``: the ``tokenizer/`` folder of a pipeline folder when there is
+    one, else the bundled CLIP vocabulary (SD-1.5's own, which a single-file checkpoint does not carry)."""
+    folder = Path(weights) / "tokenizer"
+    return CLIPTokenizer.from_pretrained(folder) if folder.is_dir() else CLIPTokenizer()
 
 
 def _read_json(path: Path):

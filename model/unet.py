@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.5 denoiser: a UNet that predicts the noise ε in a latent (FACTS.md §2 "UNet").
+"""The Stable Diffusion 1.5 denoiser: a UNet that predicts the noise ε in a latent.
 
 The network is an hourglass of ResNet blocks. At the finer levels each ResNet is followed by a small
 transformer whose cross-attention reads the text context; skip connections carry every down-path output
@@ -48,9 +48,10 @@ class UNetConfig:
 
 CONFIGS = {
     "sd15": UNetConfig(),
-    "tiny": UNetConfig(block_out_channels=(32, 64), cross_attention=(True, False), layers_per_block=1,
+    # For tests: two levels, one ResNet each, a 32-wide context; it runs in milliseconds.
+    "test": UNetConfig(block_out_channels=(32, 64), cross_attention=(True, False), layers_per_block=1,
                        cross_attention_dim=32, sample_size=8),
-    # The shipped miniature (issue 7): 16×16×4 latents of the 64×64 shapes world, the 64-wide text of CLIP
+    # The shipped miniature: 16×16×4 latents of the 64×64 shapes world, the 64-wide text of CLIP
     # "mini". Its 4×4 level is where the UNet can tell the nine grid cells apart (it sees every border there).
     "mini": UNetConfig(block_out_channels=(32, 64, 64), cross_attention=(False, True, True), layers_per_block=1,
                        num_heads=2, cross_attention_dim=64, norm_groups=8, sample_size=16),
@@ -72,7 +73,7 @@ class ResnetBlock2D(nn.Module):
     """GN → SiLU → conv3×3 (+ projected time embedding) → GN → SiLU → dropout → conv3×3, plus a skip.
 
     ``temb_channels=None`` gives the VAE's variant without a time embedding. The skip is a 1×1 conv when
-    the channel count changes (FACTS.md §2 "ResNet block").
+    the channel count changes.
     """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None = None,
@@ -95,7 +96,7 @@ class ResnetBlock2D(nn.Module):
         return skip + h
 
 
-class Attention(nn.Module):
+class UNetAttention(nn.Module):
     """Multi-head attention over token sequences, through ``scaled_dot_product_attention``.
 
     Self-attention when ``context`` is None, cross-attention otherwise. The UNet's projections q, k, v have
@@ -126,7 +127,7 @@ class Downsample(nn.Module):
     """Halve H and W with a strided conv3×3.
 
     The UNet pads 1 on every side. The VAE encoder pads only right and bottom, (0,1,0,1), then convolves
-    without padding (FACTS.md §2 "VAE"); both give ceil(H/2) for even H, but the pixels seen differ.
+    without padding (as the original ldm code does); both give H/2 for even H, but the pixels seen differ.
     """
 
     def __init__(self, channels: int, asymmetric_padding: bool = False):
@@ -160,7 +161,7 @@ class Upsample(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 class GEGLU(nn.Module):
-    """Linear C→8C, split into (x, gate), return x·gelu(gate) with the exact erf GELU (FACTS.md §2)."""
+    """Linear C→8C, split into (x, gate), return x·gelu(gate) with the exact erf GELU."""
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
@@ -188,9 +189,9 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = UNetAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim=context_dim)
+        self.attn2 = UNetAttention(dim, heads, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout)
 
@@ -229,7 +230,7 @@ class Transformer2DModel(nn.Module):
 # The three kinds of UNet block
 # ----------------------------------------------------------------------------------------------------------
 
-class DownBlock(nn.Module):
+class UNetDownBlock(nn.Module):
     """ResNets (each followed by a transformer if ``cross_attention``), then an optional downsample.
 
     Returns the output and every intermediate state, which the up path consumes as skip connections.
@@ -261,7 +262,7 @@ class DownBlock(nn.Module):
         return h, skips
 
 
-class MidBlock(nn.Module):
+class UNetMidBlock(nn.Module):
     """ResNet → transformer → ResNet at the coarsest level."""
 
     def __init__(self, cfg: UNetConfig):
@@ -280,7 +281,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, temb)
 
 
-class UpBlock(nn.Module):
+class UNetUpBlock(nn.Module):
     """ResNets fed with [h, skip] concatenated on channels (each optionally followed by a transformer),
     then an optional upsample.
 
@@ -317,7 +318,7 @@ class UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [B, dim], ordered [cos, sin], freqs exp(−ln(max_period)·i/(dim/2)) (FACTS.md §2)."""
+    """Sinusoidal embedding [B, dim], ordered [cos, sin], freqs exp(−ln(max_period)·i/(dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device) / half)
     angles = timesteps.float()[:, None] * freqs[None, :]
@@ -356,9 +357,10 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
 
         self.down_blocks = nn.ModuleList(
-            DownBlock(cfg, channels[max(i - 1, 0)], channels[i], cfg.cross_attention[i], downsample=i < levels - 1)
+            UNetDownBlock(cfg, channels[max(i - 1, 0)], channels[i], cfg.cross_attention[i],
+                          downsample=i < levels - 1)
             for i in range(levels))
-        self.mid_block = MidBlock(cfg)
+        self.mid_block = UNetMidBlock(cfg)
 
         # Channels of every skip in the order the down path produces them: conv_in, then per level its
         # ResNets and its downsample. The up path pops them from the end.
@@ -368,7 +370,7 @@ class UNet2DConditionModel(nn.Module):
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):
             taken = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cfg, channels[min(i + 1, levels - 1)], channels[i], taken,
+            self.up_blocks.append(UNetUpBlock(cfg, channels[min(i + 1, levels - 1)], channels[i], taken,
                                           cfg.cross_attention[i], upsample=i > 0))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[0], eps=1e-5)

@@ -1,6 +1,6 @@
 """The Stable Diffusion 1.5 autoencoder (AutoencoderKL): pixels [-1, 1] ⇄ 4-channel latents at 1/8 size.
 
-FACTS.md §2 "VAE". The encoder gives a diagonal Gaussian (mean, logvar) per latent pixel; diffusion runs on
+The encoder gives a diagonal Gaussian (mean, logvar) per latent pixel; diffusion runs on
 ``scaling_factor · z`` so that latents have roughly unit variance. Every GroupNorm uses eps 1e-6, there is no
 time embedding, and the mid block has one single-head self-attention. The ResNet block, attention and
 resampling layers are the UNet's (``model/unet.py``); attribute names mirror the diffusers keys.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.unet import Attention, Downsample, ResnetBlock2D, Upsample, maybe_checkpoint
+from model.unet import Downsample, ResnetBlock2D, UNetAttention, Upsample, maybe_checkpoint
 
 EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -36,19 +36,19 @@ class VAEConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Image side / latent side: 8 for SD-1.5, 2 for the two-level tiny config."""
+        """Image side / latent side: 8 for SD-1.5, 2 for the two-level test config."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 
 CONFIGS = {
     "sd15": VAEConfig(),
-    "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64),
-    # The shipped miniature (issue 7): 64×64 flat-coloured images <-> 16×16×4 latents (two downsamples).
+    "test": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64),  # for tests
+    # The shipped miniature: 64×64 flat-coloured images <-> 16×16×4 latents (two downsamples).
     "mini": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8, sample_size=64),
 }
 
 
-class SpatialSelfAttention(Attention):
+class SpatialSelfAttention(UNetAttention):
     """Single-head self-attention over the H·W pixels of a feature map, as a residual branch.
 
     The GroupNorm lives inside the attention module (key ``group_norm``), as in diffusers.
@@ -65,7 +65,7 @@ class SpatialSelfAttention(Attention):
         return x + out
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """ResNet → self-attention → ResNet at the coarsest level."""
 
     def __init__(self, channels: int, groups: int):
@@ -77,7 +77,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](h)))
 
 
-class EncoderBlock(nn.Module):
+class VAEEncoderBlock(nn.Module):
     """ResNets, then an optional asymmetric-padding downsample."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
@@ -93,7 +93,7 @@ class EncoderBlock(nn.Module):
         return h
 
 
-class DecoderBlock(nn.Module):
+class VAEDecoderBlock(nn.Module):
     """ResNets, then an optional nearest ×2 upsample."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
@@ -109,7 +109,7 @@ class DecoderBlock(nn.Module):
         return h
 
 
-class Encoder(nn.Module):
+class VAEEncoder(nn.Module):
     """x [B,3,H,W] -> moments [B, 2·latent, H/8, W/8] (mean and logvar stacked on channels)."""
 
     def __init__(self, cfg: VAEConfig):
@@ -118,10 +118,10 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block, cfg.norm_groups,
+            VAEEncoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block, cfg.norm_groups,
                          downsample=i < levels - 1)
             for i in range(levels))
-        self.mid_block = MidBlock(channels[-1], cfg.norm_groups)
+        self.mid_block = VAEMidBlock(channels[-1], cfg.norm_groups)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[-1], eps=EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -132,7 +132,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
-class Decoder(nn.Module):
+class VAEDecoder(nn.Module):
     """z [B, latent, h, w] -> x [B, 3, 8h, 8w]."""
 
     def __init__(self, cfg: VAEConfig):
@@ -140,9 +140,9 @@ class Decoder(nn.Module):
         channels, levels = cfg.block_out_channels[::-1], len(cfg.block_out_channels)
         self.gradient_checkpointing = False
         self.conv_in = nn.Conv2d(cfg.latent_channels, channels[0], 3, padding=1)
-        self.mid_block = MidBlock(channels[0], cfg.norm_groups)
+        self.mid_block = VAEMidBlock(channels[0], cfg.norm_groups)
         self.up_blocks = nn.ModuleList(
-            DecoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block + 1, cfg.norm_groups,
+            VAEDecoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block + 1, cfg.norm_groups,
                          upsample=i < levels - 1)
             for i in range(levels))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[-1], eps=EPS)
@@ -166,12 +166,28 @@ class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig = CONFIGS["sd15"]):
         super().__init__()
         self.config = cfg
-        self.scaling_factor = cfg.scaling_factor
-        self.downsample_factor = cfg.downsample_factor
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        """Latent scale, kept in the config only: to change it, replace ``vae.config``."""
+        return self.config.scaling_factor
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / latent side, from the config."""
+        return self.config.downsample_factor
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape [B, C, h, w] of the latent noise for ``batch`` images of ``height``×``width`` pixels."""
+        factor = self.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}×{width} must be a multiple of the VAE's downsample factor "
+                             f"{factor}; pick a height and width divisible by {factor}")
+        return batch, self.config.latent_channels, height // factor, width // factor
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -192,3 +208,17 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent z [B,4,h,w] -> image [B,3,8h,8w], roughly in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
+
+
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw z = mean + σ·noise from the encoder's diagonal Gaussian, σ = exp(logvar / 2); unscaled."""
+    return mean + (0.5 * logvar).exp() * noise
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images [..., 3, H, W] in [-1, 1] -> uint8 pixels [..., H, W, 3] on the CPU, ready for PIL.
+
+    Each value is clamped, mapped to [0, 255] and rounded to the nearest integer.
+    """
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.movedim(-3, -1).cpu()

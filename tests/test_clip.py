@@ -12,11 +12,12 @@ from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPImageProcessorPil
 
-from model.clip import (CLIP_MEAN, CLIP_STD, CONFIGS, Attention, CLIPModel, CLIPTextModel, TextConfig,
+from model.clip import (CLIP_MEAN, CLIP_STD, CONFIGS, CLIPAttention, CLIPModel, CLIPTextModel, TextConfig,
                         pil_to_tensor, preprocess_images, preprocess_tensor)
 from model.tokenizer import EOT
 
-# The public numbers, written out independently of CONFIGS (FACTS.md §2 and §3).
+# The public numbers (the openai/clip-vit-large-patch14 and laion CLIP-ViT-H-14 config.json files), written
+# out independently of CONFIGS.
 HF_VIT_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 HF_VIT_H = dict(
@@ -45,7 +46,7 @@ def test_vit_l_text_encoder_keys_and_shapes_match_transformers_and_sd15():
         ours = CLIPTextModel(CONFIGS["vit-l-14"].text)
         theirs = HFCLIPTextModel(HFCLIPTextConfig(**HF_VIT_L_TEXT))
     assert shapes(ours) == with_text_model_prefix(shapes(theirs))
-    # SD-1.5's text_encoder/model.safetensors: 196 tensors, 123,060,480 parameters (FACTS.md §2).
+    # SD-1.5's text_encoder/model.safetensors: 196 tensors, 123,060,480 parameters.
     assert len(shapes(ours)) == 196
     assert sum(p.numel() for p in ours.parameters()) == 123_060_480
     assert ours.hidden_size == 768
@@ -60,9 +61,9 @@ def test_vit_h_clip_model_keys_and_shapes_match_transformers():
 
 
 def test_both_towers_share_one_block_class():
-    model = CLIPModel(CONFIGS["tiny"])
+    model = CLIPModel(CONFIGS["test"])
     attention_classes = {type(m) for m in model.modules() if "Attention" in type(m).__name__}
-    assert attention_classes == {Attention}
+    assert attention_classes == {CLIPAttention}
     assert type(model.text_model.encoder.layers[0]) is type(model.vision_model.encoder.layers[0])
     assert model.text_model.encoder.layers[0].self_attn.causal
     assert not model.vision_model.encoder.layers[0].self_attn.causal
@@ -73,39 +74,39 @@ def test_both_towers_share_one_block_class():
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_clip():
+def small_clip():
     torch.manual_seed(0)
-    return CLIPModel(CONFIGS["tiny"]).eval()
+    return CLIPModel(CONFIGS["test"]).eval()
 
 
-def test_pool_takes_the_first_eot(tiny_clip):
+def test_pool_takes_the_first_eot(small_clip):
     ids = torch.tensor([[49406, 320, EOT, EOT, EOT], [49406, 320, 1125, 536, EOT]])
     hidden = torch.randn(2, 5, 8)
-    pooled = tiny_clip.text_model.pool(hidden, ids)
+    pooled = small_clip.text_model.pool(hidden, ids)
     assert torch.equal(pooled, torch.stack([hidden[0, 2], hidden[1, 4]]))
 
 
-def test_text_is_causal(tiny_clip):
+def test_text_is_causal(small_clip):
     ids = torch.randint(0, 49406, (1, 12))
     changed = ids.clone()
     changed[0, 7:] = torch.randint(0, 49406, (5,))
     with torch.no_grad():
-        a, b = tiny_clip.text_model(ids), tiny_clip.text_model(changed)
+        a, b = small_clip.text_model(ids), small_clip.text_model(changed)
     assert torch.equal(a[:, :7], b[:, :7])
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_bad_text_input_is_reported(tiny_clip):
+def test_bad_text_input_is_reported(small_clip):
     with pytest.raises(ValueError, match="needs an <eot>"):
-        tiny_clip.encode_text(torch.full((1, 5), 320))
+        small_clip.encode_text(torch.full((1, 5), 320))
     with pytest.raises(ValueError, match="77 positions"):
-        tiny_clip.text_model(torch.full((1, 78), EOT))
+        small_clip.text_model(torch.full((1, 78), EOT))
     with pytest.raises(ValueError, match="0..49407"):
-        tiny_clip.text_model(torch.tensor([[49406, 49408, EOT]]))
+        small_clip.text_model(torch.tensor([[49406, 49408, EOT]]))
     with pytest.raises(ValueError, match="integer tensor"):
-        tiny_clip.text_model(torch.zeros(1, 5))
+        small_clip.text_model(torch.zeros(1, 5))
     with pytest.raises(ValueError, match=r"\[batch, 3, 224, 224\]"):
-        tiny_clip.encode_image(torch.zeros(1, 3, 256, 256))
+        small_clip.encode_image(torch.zeros(1, 3, 256, 256))
 
 
 def test_bad_configs_are_reported():
@@ -116,13 +117,13 @@ def test_bad_configs_are_reported():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs_close_to_fp32(tiny_clip, dtype):
+def test_half_precision_runs_close_to_fp32(small_clip, dtype):
     ids = torch.tensor([[49406, 320, 1125, EOT, EOT]])
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        reference = torch.cat([tiny_clip.encode_text(ids), tiny_clip.encode_image(pixels)])
-        half = CLIPModel(CONFIGS["tiny"]).eval()
-        half.load_state_dict(tiny_clip.state_dict())
+        reference = torch.cat([small_clip.encode_text(ids), small_clip.encode_image(pixels)])
+        half = CLIPModel(CONFIGS["test"]).eval()
+        half.load_state_dict(small_clip.state_dict())
         half.to(dtype)
         result = torch.cat([half.encode_text(ids), half.encode_image(pixels)])  # fp32 pixels are cast inside
     assert result.dtype == dtype
@@ -131,7 +132,7 @@ def test_half_precision_runs_close_to_fp32(tiny_clip, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scorer preprocessing (FACTS.md §3)
+# Scorer preprocessing
 # ---------------------------------------------------------------------------------------------------------
 
 def natural_like_image(height, width, seed, mode="RGB"):

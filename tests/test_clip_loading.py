@@ -1,4 +1,4 @@
-"""Loading CLIP weights (model/weights.py, CLIP section) and numerical parity with transformers.
+"""Loading CLIP weights (model/weights.py, model/convert.py) and numerical parity with transformers.
 
 transformers builds the oracle models with random weights at a tiny size and saves them with
 ``save_pretrained``; our loaders read those files. Everything is fp32 and compared at <= 1e-5 relative
@@ -16,15 +16,15 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 
 from model.clip import CONFIGS, CLIPModel, CLIPTextModel
 from model.tokenizer import EOT, SOT
-from model.weights import (WeightsError, infer_clip_config, load_clip, load_text_encoder,
-                           open_clip_to_transformers)
+from model.convert import Layout, infer_clip_config, open_clip_to_transformers
+from model.weights import WeightsError, load_clip, load_text_encoder
 
 TOLERANCE = 1e-5
 
-# The "tiny" shapes of model/clip.py, written as a transformers config. 64-wide heads, as open_clip assumes.
-TINY_TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+# The "test" shapes of model/clip.py, written as a transformers config. 64-wide heads, as open_clip assumes.
+TEST_TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, max_position_embeddings=77)
-TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+TEST_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                    patch_size=32, image_size=224)
 
 
@@ -60,8 +60,8 @@ def features(output):
 
 def build_hf_clip(act, folder):
     """A transformers CLIPModel with random weights, saved with save_pretrained, and its outputs."""
-    config = HFCLIPConfig(text_config=dict(TINY_TEXT, hidden_act=act),
-                          vision_config=dict(TINY_VISION, hidden_act=act), projection_dim=64)
+    config = HFCLIPConfig(text_config=dict(TEST_TEXT, hidden_act=act),
+                          vision_config=dict(TEST_VISION, hidden_act=act), projection_dim=64)
     model = randomize(HFCLIPModel(config), seed=1)
     model.save_pretrained(folder)
     ids, pixels = token_ids(), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
@@ -83,7 +83,7 @@ def hf_clip(request, hf_clips):
 
 def build_hf_text(act, folder):
     """A transformers CLIPTextModel (SD-1.5's text encoder class) with random weights, saved, and its output."""
-    model = randomize(HFCLIPTextModel(HFCLIPTextConfig(**TINY_TEXT, hidden_act=act)), seed=3)
+    model = randomize(HFCLIPTextModel(HFCLIPTextConfig(**TEST_TEXT, hidden_act=act)), seed=3)
     model.save_pretrained(folder)
     ids = token_ids(seed=4)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def check_text_encoder(model, oracle):
 def test_clip_model_folder_and_file_match_transformers(hf_clip):
     for path in (hf_clip["folder"], hf_clip["folder"] / "model.safetensors"):
         model = load_clip(path)
-        assert model.layout == "transformers"
+        assert model.layout is Layout.TRANSFORMERS
         assert model.config.text.act == model.config.vision.act == hf_clip["act"]
         check_clip(model, hf_clip)
 
@@ -135,7 +135,7 @@ def test_text_encoder_matches_transformers(hf_text, tmp_path):
         (sd_folder / "text_encoder" / name).write_bytes((hf_text["folder"] / name).read_bytes())
     for path in (sd_folder, sd_folder / "text_encoder", sd_folder / "text_encoder" / "model.safetensors"):
         model = load_text_encoder(path)
-        assert isinstance(model, CLIPTextModel) and model.layout == "transformers"
+        assert isinstance(model, CLIPTextModel) and model.layout is Layout.TRANSFORMERS
         assert model.config.act == hf_text["act"]
         check_text_encoder(model, hf_text)
 
@@ -176,7 +176,7 @@ def single_file_state(text_state, with_text_model):
     return state
 
 
-# A single file has no config.json: the config comes from the shapes, and the "tiny" shapes mean GELU.
+# A single file has no config.json: the config comes from the shapes, and the "test" shapes mean GELU.
 # (That full-size ViT-L/14 shapes mean quick_gelu is checked below, on the meta device.)
 
 @pytest.mark.parametrize("with_text_model", [True, False])
@@ -185,7 +185,7 @@ def test_single_file_safetensors(hf_texts, tmp_path, with_text_model):
     path = tmp_path / "v1-5-pruned-emaonly.safetensors"
     save_file(single_file_state(hf_text["state"], with_text_model), path)
     model = load_text_encoder(path)
-    assert model.layout == "sd-single-file"
+    assert model.layout is Layout.SINGLE_FILE
     check_text_encoder(model, hf_text)
 
 
@@ -202,7 +202,7 @@ def test_single_file_ckpt_pickle(hf_texts, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def transformers_to_open_clip(state):
-    """FACTS.md §3's rules run backwards, written here independently of model/weights.py."""
+    """open_clip's key names from transformers', written here independently of model/convert.py."""
     renames = [("text_model.embeddings.token_embedding.", "token_embedding."),
                ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
                ("text_model.encoder.layers.", "transformer.resblocks."),
@@ -234,7 +234,7 @@ def transformers_to_open_clip(state):
 
 
 def test_open_clip_pickle_and_safetensors_give_the_same_embeddings(hf_clips, tmp_path):
-    # open_clip files carry no activation: these are the "tiny" shapes, which use GELU like every ViT-H.
+    # open_clip files carry no activation: these are the "test" shapes, which use GELU like every ViT-H.
     oracle = hf_clips["gelu"]
     open_clip_state = transformers_to_open_clip(oracle["state"])
     assert "visual.transformer.resblocks.1.attn.in_proj_weight" in open_clip_state
@@ -244,7 +244,7 @@ def test_open_clip_pickle_and_safetensors_give_the_same_embeddings(hf_clips, tmp
     save_file(open_clip_state, tmp_path / "hpsv2.safetensors")
     for path in (pickle_path, tmp_path / "hpsv2.safetensors"):
         model = load_clip(path)
-        assert model.layout == "open_clip"
+        assert model.layout is Layout.OPEN_CLIP
         check_clip(model, oracle)
 
 
@@ -261,7 +261,7 @@ def test_full_size_configs_are_inferred_from_shapes_in_both_layouts(name):
     assert infer_clip_config(state) == CONFIGS[name]
     converted = open_clip_to_transformers(transformers_to_open_clip(state))
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in state.items()}
-    assert infer_clip_config(converted, layout="open_clip") == CONFIGS[name]
+    assert infer_clip_config(converted, layout=Layout.OPEN_CLIP) == CONFIGS[name]
 
 
 # ---------------------------------------------------------------------------------------------------------

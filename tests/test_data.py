@@ -1,4 +1,5 @@
-"""Long-caption image datasets and prompt lists: layouts, preprocessing, caption dropout, bad records, errors."""
+"""Long-caption image datasets and prompt lists: layouts, preprocessing, caption dropout, bad records, errors,
+and what a --data spec means (a path, or the shapes world)."""
 import json
 import logging
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CaptionImageDataset, PromptDataset, render, resize_and_center_crop, shapes_example,
-                  to_tensor, write_shapes_manifest)
+from data import (CaptionImageDataset, PromptDataset, default_resolution, first_captions, image_dataset,
+                  prompt_dataset, resize_and_center_crop, to_tensor, validation_prompts)
+from mini.world import ShapesCaptions, ShapesDataset, render, shapes_example, split_captions, write_shapes_manifest
 
 
 def solid(path, color, size=(24, 16)):
@@ -164,3 +166,43 @@ def test_shapes_manifest_loads_as_real_data(tmp_path):
         assert torch.equal(item["image"], to_tensor(render(scene)))  # PNG is lossless; 64 px needs no resize
     first = json.loads(manifest.read_text().splitlines()[0])
     assert first["split"] == "val" and first["index"] == 0
+
+
+def test_a_shapes_spec_names_the_shapes_world():
+    shapes = image_dataset("shapes:6", 64, caption_dropout=1.0, seed=1)
+    assert isinstance(shapes, ShapesDataset) and len(shapes) == 6 and shapes.seed == 1
+    assert shapes[2]["image"].shape == (3, 64, 64) and shapes[2]["caption"] == ""  # every caption dropped
+    assert first_captions(shapes, 10) == split_captions("train", 6)  # never dropped, at most len(dataset)
+    assert len(image_dataset("shapes", 64, 0.1, 0)) == 100_000  # the default number of training scenes
+    prompts = prompt_dataset("shapes:4")
+    assert isinstance(prompts, ShapesCaptions) and first_captions(prompts, 4) == split_captions("train", 4)
+    assert validation_prompts("shapes:4", prompts, 2) == split_captions("val", 2)  # held out, not training
+    assert default_resolution("shapes") == default_resolution("shapes:9") == 64
+
+
+def test_bad_shapes_specs_get_one_line_errors():
+    with pytest.raises(ValueError, match="use --resolution 64") as err:
+        image_dataset("shapes", 512, 0.1, 0)
+    assert "\n" not in str(err.value)
+    for bad in ("shapes:0", "shapes:x", "shapes:", "shapes:-3"):
+        with pytest.raises(ValueError, match="shapes:N"):
+            prompt_dataset(bad)
+    with pytest.raises(ValueError, match="caption dropout"):
+        image_dataset("shapes:4", 64, 1.5, 0)
+
+
+def test_a_path_spec_reads_files(tmp_path):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "caption": f"c{i}"} for i in range(3)])
+    images = image_dataset(manifest, 8, caption_dropout=1.0, seed=0)
+    assert isinstance(images, CaptionImageDataset) and images[0]["caption"] == ""
+    assert first_captions(images, 5) == ["c0", "c1", "c2"] and validation_prompts(manifest, images, 2) == ["c0", "c1"]
+    assert default_resolution(manifest) == 512
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    assert isinstance(prompt_dataset(prompts), PromptDataset) and first_captions(prompt_dataset(prompts), 1) == ["one"]
+    with pytest.raises(ValueError, match="text file, but images are needed") as err:  # a prompt list for sft
+        image_dataset(prompts, 64, 0.1, 0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="prompt file not found"):
+        prompt_dataset(tmp_path / "missing.txt")

@@ -7,7 +7,8 @@ import torch
 
 from model import kernels
 from model.clip import CONFIGS, CLIPTextModel
-from model.longtext import STRATEGIES, LongPromptEncoder, sentence_segments, split_sentences
+from model.longtext import (STRATEGIES, DroppedTokensWarning, LongPromptEncoder, check_strategy, sentence_segments,
+                            split_sentences)
 from model.tokenizer import EOT, SOT, CLIPTokenizer
 
 # 10 sentences, 221 content tokens: with the 10 <sot> separators it fills 231 of the 240 rows.
@@ -34,7 +35,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def text_encoder():
     torch.manual_seed(0)
-    return CLIPTextModel(CONFIGS["tiny"].text).eval()
+    return CLIPTextModel(CONFIGS["test"].text).eval()
 
 
 def no_space(text):
@@ -123,8 +124,8 @@ def test_empty_prompt_is_one_empty_segment(tokenizer):
 # the encoder against the paper's rule, built by hand
 # ---------------------------------------------------------------------------------------------------------
 
-def concat_by_hand(tokenizer, text_encoder, prompts, max_tokens=240):
-    """FACTS.md §1 with plain lists: per sentence keep <sot> + content rows, drop <eot>/<pad>, concatenate,
+def segment_by_hand(tokenizer, text_encoder, prompts, max_tokens=240):
+    """The paper's §3 rule with plain lists: per sentence keep <sot> + content rows, drop <eot>/<pad>, concatenate,
     truncate, pad with <pad*> = mean of rows 17..76 of the empty prompt. Returns (contexts, content rows kept)."""
     sentences = [[tokenizer.encode(s) for s in split_sentences(p)] or [[]] for p in prompts]
     blocks = [[SOT] + ids + [EOT] * (76 - len(ids)) for prompt in sentences for ids in prompt]
@@ -159,7 +160,7 @@ PROMPT_SETS = {
 @pytest.mark.parametrize("name", PROMPT_SETS)
 def test_encoder_equals_the_paper_rule_by_hand(name, tokenizer, text_encoder, monkeypatch):
     prompts = PROMPT_SETS[name]
-    expected, _ = concat_by_hand(tokenizer, text_encoder, prompts)
+    expected, _ = segment_by_hand(tokenizer, text_encoder, prompts)
     encoder = LongPromptEncoder(tokenizer, text_encoder)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -196,7 +197,7 @@ def test_all_segments_of_all_prompts_go_through_one_forward(tokenizer, text_enco
 
 
 def test_overflow_warns_once_with_the_count(tokenizer, text_encoder):
-    _, content_kept = concat_by_hand(tokenizer, text_encoder, [OVERFLOW_PROMPT])
+    _, content_kept = segment_by_hand(tokenizer, text_encoder, [OVERFLOW_PROMPT])
     total = len(tokenizer.encode(OVERFLOW_PROMPT))
     dropped = total - content_kept[0]
     assert dropped > 0
@@ -204,7 +205,7 @@ def test_overflow_warns_once_with_the_count(tokenizer, text_encoder):
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         encoder([OVERFLOW_PROMPT, LONG_PROMPT, OVERFLOW_PROMPT])
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].category is DroppedTokensWarning
     message = str(caught[0].message)
     assert f"prompt 0: {dropped} of {total}" in message and f"prompt 2: {dropped} of {total}" in message
     assert "prompt 1" not in message
@@ -231,8 +232,8 @@ def test_plan_reports_segments_and_tokens(tokenizer, text_encoder):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy, max_tokens, length", [
-    ("concat", 240, 240), ("no-sot", 240, 240), ("keep-all", 240, 240), ("chunk75", 240, 231),
-    ("chunk75", 154, 154), ("truncate", 240, 77), ("concat", 77, 77),
+    ("segment", 240, 240), ("no-sot", 240, 240), ("keep-all", 240, 240), ("chunk75", 240, 231),
+    ("chunk75", 154, 154), ("truncate", 240, 77), ("segment", 77, 77),
 ])
 def test_strategy_shapes_match_for_cond_and_uncond(strategy, max_tokens, length, tokenizer, text_encoder):
     encoder = LongPromptEncoder(tokenizer, text_encoder, max_tokens=max_tokens, strategy=strategy)
@@ -270,7 +271,7 @@ def test_no_sot_and_keep_all_rows(tokenizer, text_encoder):
         no_sot = LongPromptEncoder(tokenizer, text_encoder, strategy="no-sot")
         assert torch.equal(no_sot([LONG_PROMPT])[0, :n], block[1:1 + n])
         assert torch.equal(no_sot([""])[0], no_sot.pad_star().expand(240, -1))
-        with pytest.warns(UserWarning, match="keep-all encoding into 240 context rows"):
+        with pytest.warns(DroppedTokensWarning, match="keep-all encoding into 240 context rows"):
             keep_all = LongPromptEncoder(tokenizer, text_encoder, strategy="keep-all")([LONG_PROMPT])
         assert torch.equal(keep_all[0, :77], block)
 
@@ -292,4 +293,25 @@ def test_bad_arguments_get_clear_errors(tokenizer, text_encoder):
     for prompts in ([], [3], None):
         with pytest.raises(ValueError, match="non-empty list of str"):
             encoder(prompts)
-    assert set(STRATEGIES) == {"concat", "no-sot", "keep-all", "chunk75", "truncate"}
+    assert set(STRATEGIES) == {"segment", "no-sot", "keep-all", "chunk75", "truncate"}
+
+
+def test_the_old_name_concat_says_segment(tokenizer, text_encoder):
+    """The paper's encoding has one name; its earlier name gets a one-line error naming it."""
+    old_names = (lambda: LongPromptEncoder(tokenizer, text_encoder, strategy="concat"),
+                 lambda: check_strategy("concat"))
+    for make in old_names:
+        with pytest.raises(ValueError, match="'concat' is now called 'segment'") as error:
+            make()
+        assert "\n" not in str(error.value)
+    check_strategy("segment")
+    assert LongPromptEncoder(tokenizer, text_encoder).strategy == "segment"  # the default
+
+
+def test_dropped_tokens_can_be_silenced_by_category(tokenizer, text_encoder):
+    encoder = LongPromptEncoder(tokenizer, text_encoder, strategy="truncate")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DroppedTokensWarning)
+        encoder([LONG_PROMPT])
+    assert issubclass(DroppedTokensWarning, UserWarning)

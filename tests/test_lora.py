@@ -1,12 +1,13 @@
 """LoRA: injection is a no-op at init, merge == unmerged forward, unmerge restores, files round-trip,
-fp32 master weights under a half-precision base, and the default placement hits exactly the official layers."""
+fp32 master weights under a half-precision base, the default placement, and stacking two LoRAs into one."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.lora import (LoRAConv2d, LoRALinear, inject_lora, load_lora, lora_layers, lora_parameters,
-                        lora_state_dict, merge_and_unload, merge_lora, save_lora, unmerge_lora)
+from model.lora import (LoRAConv2d, LoRALinear, inject_lora, load_lora, load_lora_state_dict, lora_layers,
+                        lora_parameters, lora_state_dict, merge_and_unload, merge_lora, save_lora, stack_loras,
+                        unmerge_lora)
 from model.weights import WeightsError
 
 
@@ -239,7 +240,8 @@ def test_load_errors_name_the_problem(tmp_path):
 
     other_rank = toy_model()
     inject_lora(other_rank, rank=2)
-    with pytest.raises(WeightsError, match=r"wrong shapes: .*lora_down\.weight \(4, .*expected \(2, "):
+    with pytest.raises(WeightsError, match=r"(?s)detected layout: lora, from .*lora\.safetensors.*wrong shapes: "
+                                           r".*lora_down\.weight \(4, .*expected \(2, "):
         load_lora(other_rank, path)
 
     fewer_layers = toy_model()
@@ -292,15 +294,15 @@ def test_half_precision_base_keeps_fp32_lora(dtype):
     assert all(p.dtype == torch.float32 for p in lora_parameters(fresh))
 
 
-def tiny_unet(seed=0):
+def small_unet(seed=0):
     from model.unet import CONFIGS, UNet2DConditionModel
     torch.manual_seed(seed)
-    return UNet2DConditionModel(CONFIGS["tiny"])
+    return UNet2DConditionModel(CONFIGS["test"])
 
 
-def test_default_patterns_on_the_tiny_unet_hit_resnets_attention_and_ff_only():
+def test_default_patterns_on_the_test_unet_hit_resnets_attention_and_ff_only():
     from model.unet import BasicTransformerBlock, ResnetBlock2D
-    unet = tiny_unet()
+    unet = small_unet()
     # Expected set derived from module types, not names: the Linear/Conv2d layers of every ResNet block
     # and of every transformer block (attn1, attn2, GEGLU feed-forward).
     expected = set()
@@ -316,8 +318,8 @@ def test_default_patterns_on_the_tiny_unet_hit_resnets_attention_and_ff_only():
                    or "samplers" in n for n in names)
 
 
-def test_tiny_unet_merge_matches_unmerged_and_reloads(tmp_path):
-    unet = tiny_unet()
+def test_test_unet_merge_matches_unmerged_and_reloads(tmp_path):
+    unet = small_unet()
     inject_lora(unet, rank=4)
     cfg = unet.config
     g = torch.Generator().manual_seed(0)
@@ -330,6 +332,37 @@ def test_tiny_unet_merge_matches_unmerged_and_reloads(tmp_path):
         save_lora(unet, tmp_path / "lora.safetensors")
         merge_lora(unet)
         torch.testing.assert_close(unet(latents, 500, context), unmerged, rtol=0, atol=1e-5)
-        reloaded = tiny_unet()
+        reloaded = small_unet()
         load_lora(reloaded, tmp_path / "lora.safetensors")
         torch.testing.assert_close(reloaded(latents, 500, context), unmerged, rtol=0, atol=1e-6)
+
+
+def random_lora(rank, alpha, seed):
+    """A LoRA state dict for the test UNet whose up weights are not zero, so every branch contributes."""
+    model = small_unet(seed)
+    inject_lora(model, rank, alpha=alpha)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    return lora_state_dict(model)
+
+
+def test_stacked_lora_equals_applying_one_after_the_other():
+    first, second = random_lora(rank=2, alpha=1.5, seed=1), random_lora(rank=3, alpha=6.0, seed=2)
+    stacked = small_unet()
+    load_lora_state_dict(stacked, stack_loras(first, second))
+    assert {layer.rank for layer in lora_layers(stacked).values()} == {5}
+    in_turn = small_unet()
+    load_lora_state_dict(in_turn, first)
+    merge_and_unload(in_turn)  # the reward LoRA is trained on the UNet with the SFT LoRA merged
+    load_lora_state_dict(in_turn, second)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(x, 10, context), in_turn(x, 10, context), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(stacked(x, 10, context), small_unet()(x, 10, context), atol=1e-3)
+
+
+def test_stacking_loras_of_different_modules_is_refused():
+    first = random_lora(rank=2, alpha=2.0, seed=1)
+    second = {k: v for k, v in first.items() if not k.startswith("down_blocks.")}
+    with pytest.raises(ValueError, match="wrap different modules"):
+        stack_loras(first, second)

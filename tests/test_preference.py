@@ -11,9 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model.clip import CONFIGS, CLIPModel
-from model.kernels import score_projection
-from model.preference import (KINDS, EncodedPrompts, Scorer, batch_direction, common_direction, fit_direction,
-                              infer_kind, load_direction, recall_at_1, save_direction, similarities)
+from model.kernels import ScoreParts, score_projection
+from model.preference import (DIRECTION_FILE, KINDS, EncodedPrompts, Scorer, batch_direction, common_direction,
+                              find_direction, fit_direction, infer_kind, load_direction, prompt_embeddings,
+                              recall_at_1, recall_table, save_direction, similarities)
 from model.tokenizer import CLIPTokenizer
 from model.weights import WeightsError, save_state_dict
 
@@ -25,7 +26,7 @@ PROMPT = " ".join(SENTENCES)
 @pytest.fixture(scope="module")
 def scorer():
     torch.manual_seed(0)
-    return Scorer(CLIPModel(CONFIGS["tiny"]), KINDS["pickscore"])
+    return Scorer(CLIPModel(CONFIGS["test"]), KINDS["pickscore"])
 
 
 def embed_alone(scorer, texts):
@@ -116,6 +117,34 @@ def test_reward_gradient_reaches_the_pixels_the_same_on_kernel_and_twin(scorer, 
         grads[mode] = images.grad
     assert grads["torch"].abs().sum() > 0
     torch.testing.assert_close(grads["triton"], grads["torch"], atol=1e-6, rtol=1e-4)
+
+
+def test_reward_call_is_the_crop_then_the_projection_with_the_image_gradient(scorer):
+    """What the reward stage calls: a random crop of a [0, 1] image tensor, the scorer's image embedding, then
+    the score projection against the prompts' segments; the ScoreParts values and the pixel gradient match
+    that recipe spelled out step by step, and the crop follows the generator."""
+    prompts = [PROMPT, "A lone tree on a hill. Snow covers the ground."]
+    direction = F.normalize(torch.randn(scorer.embed_dim, generator=torch.Generator().manual_seed(7)), dim=0)
+    pixels = random_images(2, 4)[..., :200, :232]  # not square, so the crop has room to move
+    results = []
+    for by_hand in (False, True):
+        images = pixels.clone().requires_grad_(True)
+        generator = torch.Generator().manual_seed(11)
+        if by_hand:
+            embeddings = scorer.encode_images(images, random_crop=160, generator=generator)
+            encoded = scorer.encode_prompts(prompts)
+            parts = score_projection(embeddings, encoded.segments, encoded.mask(), direction, 0.3)
+        else:
+            parts = scorer.score(images, prompts, direction, 0.3, random_crop=160, generator=generator)
+        (grad,) = torch.autograd.grad(parts.score.sum(), images)
+        results.append((parts, grad))
+    (parts, grad), (expected, expected_grad) = results
+    assert isinstance(parts, ScoreParts) and grad.abs().sum() > 0
+    for name in ScoreParts._fields:
+        assert torch.equal(getattr(parts, name), getattr(expected, name)), name
+    assert torch.equal(grad, expected_grad)
+    other = scorer.score(pixels, prompts, direction, 0.3, random_crop=160, generator=torch.Generator().manual_seed(12))
+    assert not torch.equal(other.score, parts.score.detach())  # another seed, another crop
 
 
 def test_similarities_agree_with_the_score_projection(scorer):
@@ -215,12 +244,47 @@ def test_removing_the_common_direction_fixes_retrieval_it_dominates():
     count, width = 40, 48
     basis, _ = torch.linalg.qr(torch.randn(width, count + 1, generator=gen))  # orthonormal columns
     v, content = basis[:, 0], basis[:, 1:].T  # one content direction per pair, all ⊥ V and to each other
-    texts = 0.4 * content + 0.9 * v  # η = 0.9, like PickScore (FACTS.md §1)
+    texts = 0.4 * content + 0.9 * v  # η = 0.9, like PickScore (the paper's Figure 2(b))
     v_amount = torch.logspace(-2, 0.5, count)  # images show 0.01 .. 3.2 of V
     images = 0.3 * content + v_amount[:, None] * v
     scores = similarities(texts, images, v)
     assert recall_at_1(scores["relevant"]) == 100.0
     assert recall_at_1(scores["original"]) < 60.0  # the faint-V images lose to the strong-V ones
+
+
+def test_recall_table_has_both_rows_for_every_column():
+    gen = torch.Generator().manual_seed(8)
+    texts = F.normalize(torch.randn(20, 16, generator=gen), dim=-1)
+    images = texts + 0.01 * torch.randn(20, 16, generator=gen)
+    shuffled = texts[torch.randperm(20, generator=gen)]
+    table = recall_table({"single": shuffled, "average": texts}, images, common_direction(texts))
+    assert table["original"]["average"] == table["relevant"]["average"] == 100.0
+    assert table["original"]["single"] < 30.0  # the metric can fail
+    assert table["original"]["single"] == recall_at_1(similarities(shuffled, images)["original"])
+
+
+def test_prompt_embeddings_batch_by_batch_equal_one_pass(scorer):
+    prompts = [PROMPT, "A lone tree.", SENTENCES[1], "Snow. Wind. A cabin with a red door."]
+    columns = prompt_embeddings(scorer, prompts, max_sentences=[None, 1], batch_size=3)
+    encoded = scorer.encode_prompts(prompts)
+    torch.testing.assert_close(columns[None], encoded.prompt_embedding(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(columns[1], encoded.prompt_embedding(1), atol=1e-6, rtol=1e-5)
+    single = prompt_embeddings(scorer, prompts, single=True)[None]
+    torch.testing.assert_close(single, scorer.encode_prompts(prompts, single=True).prompt_embedding())
+
+
+def test_find_direction_looks_beside_the_scorer(scorer, tmp_path):
+    direction = F.normalize(torch.randn(scorer.embed_dim), dim=0)
+    folder = tmp_path / "scorer"
+    folder.mkdir()
+    assert find_direction(None, folder, scorer.embed_dim) is None  # none there: no split
+    save_direction(folder / DIRECTION_FILE, direction, scorer, num_prompts=3)
+    torch.testing.assert_close(find_direction(None, folder, scorer.embed_dim), direction)
+    torch.testing.assert_close(find_direction(None, folder / "model.safetensors", scorer.embed_dim), direction)
+    save_direction(tmp_path / "V.safetensors", -direction, scorer, num_prompts=3)
+    torch.testing.assert_close(find_direction(tmp_path / "V.safetensors", folder, scorer.embed_dim), -direction)
+    with pytest.raises(WeightsError, match="embeds into 7"):
+        find_direction(None, folder, 7)
 
 
 def test_encoded_prompts_mask_counts_sentences():

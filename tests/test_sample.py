@@ -7,6 +7,7 @@ sampler, the PNG must equal diffusers' image to within 1/255 per pixel (fp32): t
 are float rounding (our schedule is float64, diffusers' float32) landing on the other side of a .5.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from PIL import Image
 import sample
 from model.lora import inject_lora, merge_and_unload, save_lora
 from model.tokenizer import CLIPTokenizer
+from model.unet import UNet2DConditionModel
 from model.weights import load_unet, save_unet_diffusers
-from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+from test_unet_vae import TEST_UNET_CONFIG, TEST_VAE_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
+RECORD = "longalign.json"  # what train.py --export writes beside the weights
 WIDTH = 64  # the tiny text encoder's width, which the UNet's cross-attention reads
 SD15_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                       clip_sample=False, set_alpha_to_one=False)
@@ -56,10 +59,10 @@ def reference(tmp_path_factory):
     text_config = transformers.CLIPTextConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1,
                                               num_attention_heads=1, vocab_size=49408)
     pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(**TINY_VAE_CONFIG),
+        vae=diffusers.AutoencoderKL(**TEST_VAE_CONFIG),
         text_encoder=transformers.CLIPTextModel(text_config),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_files),
-        unet=diffusers.UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": WIDTH}),
+        unet=diffusers.UNet2DConditionModel(**{**TEST_UNET_CONFIG, "cross_attention_dim": WIDTH}),
         scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -122,19 +125,21 @@ def test_image_equals_diffusers(reference, tmp_path, sampler, cfg, batch, negati
 # Segment encoding, PNG metadata, the default model
 # ---------------------------------------------------------------------------------------------------------
 
-def test_long_prompt_uses_segment_encoding(tiny_sd, tmp_path, monkeypatch, capsys):
+def test_long_prompt_uses_segment_encoding(tiny_sd, tmp_path, capsys):
     assert 180 <= len(CLIPTokenizer().encode(LONG_PROMPT)) <= 230
-    contexts, load_pipeline = [], sample.load_pipeline
+    contexts = []
 
-    def load_and_watch(*args, **kwargs):
-        pipe = load_pipeline(*args, **kwargs)
-        pipe.unet.register_forward_pre_hook(lambda unet, inputs: contexts.append(tuple(inputs[2].shape)))
-        return pipe
+    def watch(module, inputs):  # every module's forward passes here; keep the UNet's context argument
+        if isinstance(module, UNet2DConditionModel):
+            contexts.append(tuple(inputs[2].shape))
 
-    monkeypatch.setattr(sample, "load_pipeline", load_and_watch)
     out = tmp_path / "long.png"
-    run_sample(LONG_PROMPT, tiny_sd, out)  # --encoding auto: over 77 tokens, so segment encoding
-    assert "encoding: concat, 10 segments" in capsys.readouterr().out
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(watch)
+    try:
+        run_sample(LONG_PROMPT, tiny_sd, out)  # --encoding auto: over 77 tokens, so segment encoding
+    finally:
+        hook.remove()
+    assert "encoding: segment, 10 segments" in capsys.readouterr().out
     assert contexts == [(2, 240, WIDTH)]  # [uncond; cond] under CFG, 240 rows, at the one step
     assert Image.open(out).text["parameters"].startswith(LONG_PROMPT + "\n")  # the prompt kept whole
 
@@ -157,9 +162,10 @@ def test_auto_encoding_follows_what_the_weights_were_trained_with(tiny_sd, tmp_p
     shutil.copytree(tiny_sd, weights)
     run_sample("a red fox", weights, tmp_path / "plain.png")
     assert "encoding: truncate" in capsys.readouterr().out
-    (weights / sample.TRAINING_RECORD_FILE).write_text(json.dumps({"encoding": "concat", "max_tokens": 240}))
+    (weights / RECORD).write_text(json.dumps({"encoding": "segment", "max_tokens": 240}))
     run_sample("a red fox", weights, tmp_path / "segment.png")
-    assert "encoding: concat, 1 segments" in capsys.readouterr().out
+    assert "encoding: segment, 1 segments" in capsys.readouterr().out
+    assert "Encoding: segment," in Image.open(tmp_path / "segment.png").text["parameters"]
 
 
 def test_weights_can_recommend_their_sampling_settings(tiny_sd, tmp_path):
@@ -176,22 +182,24 @@ def test_weights_can_recommend_their_sampling_settings(tiny_sd, tmp_path):
 
     assert settings(weights).startswith("Steps: 50, Sampler: DDIM, CFG scale: 7.5,")
     record = {"encoding": "truncate", "sampling": {"sampler": "dpm", "steps": 3, "cfg": 2.0}}
-    (weights / sample.TRAINING_RECORD_FILE).write_text(json.dumps(record))
+    (weights / RECORD).write_text(json.dumps(record))
     assert settings(weights).startswith("Steps: 3, Sampler: DPM, CFG scale: 2.0,")
     assert settings(weights, "--cfg", "4", "--sampler", "ddim").startswith("Steps: 3, Sampler: DDIM, CFG scale: 4.0,")
 
 
-def test_empty_prompt_with_the_default_model(tiny_sd, tmp_path, monkeypatch, capsys):
-    """An empty prompt is an unconditional sample; without --weights the shipped model is used, with a note."""
-    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tiny_sd)
+def test_empty_prompt_with_the_default_model(tmp_path, capsys):
+    """An empty prompt is an unconditional sample; without --weights the shipped miniature is used, with a note
+    saying what it was trained on and how to get real images."""
     out = tmp_path / "nested" / "empty.png"
-    sample.main(["", "--out", str(out), "--steps", "1", "--cfg", "3", "--seed", "11", "--negative", "noisy"])
-    assert sample.MINI_WORLD_NOTE in capsys.readouterr().err
+    sample.main(["", "--out", str(out), "--steps", "1", "--cfg", "3", "--seed", "11", "--negative", "noisy",
+                 "--sampler", "ddim"])
+    err = capsys.readouterr().err
+    assert "miniature trained only on the 64x64 'shapes world'" in err and "pass --weights" in err
     image = Image.open(out)
-    assert image.size == (16, 16)  # the model's own size: UNet sample_size 8 × VAE downsampling 2
+    assert image.size == (64, 64)  # the model's own size: UNet sample_size 16 × VAE downsampling 4
     assert image.text["parameters"] == (
-        "\nNegative prompt: noisy\nSteps: 1, Sampler: DDIM, CFG scale: 3.0, Seed: 11, Size: 16x16, "
-        f"Model: {tiny_sd.name}, Encoding: truncate, Max tokens: 240")
+        "\nNegative prompt: noisy\nSteps: 1, Sampler: DDIM, CFG scale: 3.0, Seed: 11, Size: 64x64, "
+        "Model: mini, Encoding: segment, Max tokens: 240")  # the encoding the miniature records
 
 
 def test_lora_is_applied(tiny_sd, tmp_path):
@@ -247,10 +255,16 @@ BAD_INPUTS = {
     "output not a png": (lambda sd, tmp: ["x", "--weights", sd, "--out", tmp / "out.jpg"], "must be a .png"),
     "missing lora": (lambda sd, tmp: ["x", "--weights", sd, "--lora", tmp / "none.safetensors"], "not found"),
     "fp16 on the cpu": (lambda sd, tmp: ["x", "--weights", sd, "--dtype", "fp16"], "needs CUDA"),
-    "record not json": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, "{encoding: concat")],
+    "record not json": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, "{encoding: segment")],
                         "is not a valid LongAlign record"),
     "record's sampler unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
-        {"encoding": "concat", "sampling": {"sampler": "euler"}}))], "a sampler in ['ddim', 'dpm']"),
+        {"encoding": "segment", "sampling": {"sampler": "euler"}}))], "a sampler in ['ddim', 'dpm']"),
+    "record's encoding under its old name": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"encoding": "concat"}))], "'concat' is now called 'segment'"),
+    "encoding under its old name": (lambda sd, tmp: ["x", "--weights", sd, "--encoding", "concat"],
+                                    "--encoding concat is now called --encoding segment"),
+    "encoding unknown": (lambda sd, tmp: ["x", "--weights", sd, "--encoding", "a1111"],
+                         "choose one of auto, segment,"),
     "record's steps not an integer": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
         {"sampling": {"steps": "ten"}}))], "integer steps in 1..999"),
     "record's entry unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
@@ -262,7 +276,7 @@ def with_record(tiny_sd, tmp_path, text):
     """A copy of the tiny pipeline whose longalign.json holds ``text``."""
     folder = tmp_path / "recorded"
     shutil.copytree(tiny_sd, folder)
-    (folder / sample.TRAINING_RECORD_FILE).write_text(text)
+    (folder / RECORD).write_text(text)
     return folder
 
 
@@ -274,15 +288,16 @@ def test_bad_input_gets_a_clear_error(tiny_sd, tmp_path, capsys, case):
         sample.main([str(a) for a in make_argv(tiny_sd, tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_no_weights_and_no_default_model_says_where_to_get_them(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tmp_path / "weights" / "mini")
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["a red cube", "--out", str(tmp_path / "out.png")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+def test_no_weights_and_no_default_model_says_where_to_get_them(tmp_path):
+    """Run as a program from a checkout without weights/, so the shipped default is missing."""
+    shutil.copy(REPO / "sample.py", tmp_path / "sample.py")
+    bad = subprocess.run([sys.executable, "sample.py", "a red cube", "--out", "out.png"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    err = bad.stderr
     assert "no --weights given" in err and "Download Stable Diffusion 1.5" in err and "--weights PATH" in err
 
 

@@ -9,6 +9,11 @@ then only pads), because our torch bicubic resize differs slightly from PIL's, w
 that difference is checked separately at a looser, stated tolerance.
 """
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +29,7 @@ import score
 from model.clip import CLIP_MEAN, CLIP_STD
 from model.tokenizer import CLIPTokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["A red cube rests on short green grass.", "Behind it stands a tall glass vase!",
              "Is the sky pale blue?"]
 PROMPT = " ".join(SENTENCES)
@@ -40,7 +46,7 @@ TINY = HFCLIPConfig(
 # ---------------------------------------------------------------------------------------------------------
 
 def to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIPModel keys -> open_clip keys (FACTS.md §3), written here independently of weights.py."""
+    """transformers CLIPModel keys -> open_clip's CLIP state-dict keys, written here independently of weights.py."""
     prefixes = [("text_model.embeddings.token_embedding.", "token_embedding."),
                 ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
                 ("text_model.encoder.layers.", "transformer.resblocks."),
@@ -115,7 +121,7 @@ def noise_image(width, height, seed=0):
 
 
 def oracle_score(oracle, tokenizer, pixels):
-    """Mean per-sentence cosine, straight from transformers (FACTS.md §1)."""
+    """Mean per-sentence cosine (LongAlign §4's segment-level score), straight from transformers."""
     with torch.no_grad():
         ids = tokenizer(SENTENCES, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         text = F.normalize(oracle.get_text_features(input_ids=ids.input_ids).pooler_output, dim=-1)
@@ -217,8 +223,8 @@ def test_retrieval_tables_use_one_pass_over_the_images(weights, tmp_path, capsys
         lines.append(json.dumps({"image": f"{i}.png", "caption": caption}))
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     opened = []
-    original_load = score.load_image
-    monkeypatch.setattr(score, "load_image", lambda path: opened.append(path) or original_load(path))
+    original_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *args: opened.append(path) or original_open(path, *args))
     results = run_json(capsys, "--retrieval", tmp_path / "manifest.jsonl", "--scorer", weights / "PickScore_tiny",
                        "--max-sentences", "1,2,3")
     assert len(opened) == 4  # every table from one pass over the images
@@ -258,7 +264,7 @@ def expect_error(capsys, message, *argv):
     assert message in err, err
 
 
-def test_clear_errors(weights, tmp_path, capsys, monkeypatch):
+def test_clear_errors(weights, tmp_path, capsys):
     scorer = ("--scorer", weights / "PickScore_tiny")
     good = tmp_path / "good.png"
     noise_image(224, 224).save(good)
@@ -280,6 +286,28 @@ def test_clear_errors(weights, tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
     save_file({"direction": torch.ones(1024)}, str(other))
     expect_error(capsys, "has 1024 dims", good, "--prompt", PROMPT, *scorer, "--direction", other)
+    expect_error(capsys, "--max-sentences takes one number", good, "--prompt", PROMPT, *scorer,
+                 "--max-sentences", "1,2")
+    expect_error(capsys, "nothing to do", *scorer)
 
-    monkeypatch.setattr(score, "DEFAULT_SCORER", tmp_path / "no" / "scorer")
-    expect_error(capsys, "PickScore_v1", good, "--prompt", PROMPT)
+
+def test_the_miniature_evaluation_flags_name_their_new_command(capsys):
+    """The miniature's evaluation left score.py: its flags get one line naming the command that has them."""
+    flag = "--eval-" + "shapes"
+    expect_error(capsys, f"{flag} is no longer part of score.py: run `python -m mini.evaluate`", flag, "--row",
+                 "segment=runs/x/pipeline", "-o", "eval.md")
+    with pytest.raises(SystemExit) as exit_info:  # any other unknown flag: argparse's own message
+        score.main(["--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_no_scorer_and_no_default_names_where_to_get_one(tmp_path):
+    """Run as a program from a checkout without weights/: the error lists the public scorers, in one line."""
+    shutil.copy(REPO / "score.py", tmp_path / "score.py")
+    noise_image(224, 224).save(tmp_path / "good.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "score.py", "good.png", "--prompt", PROMPT], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "no --scorer given" in bad.stderr and "PickScore_v1" in bad.stderr

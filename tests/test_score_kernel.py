@@ -20,7 +20,7 @@ def random_inputs(batch, segments, width, seed, dtype=torch.float32):
     counts = torch.randint(1, segments + 1, (batch,), generator=gen)
     mask = torch.arange(segments)[None, :] < counts[:, None]
     direction = torch.randn(width, generator=gen).to(dtype)
-    # give the texts a shared component, as real scorers have (FACTS.md §1: η of 0.3..0.95)
+    # give the texts a shared component, as real scorers have (the paper's Figure 2(b): η of 0.3..0.95)
     text = text + 2 * direction
     return image, text, mask, direction
 
@@ -73,7 +73,7 @@ def test_decomposition_identities(fn):
 
 
 def test_original_is_mean_of_per_segment_cosines():
-    """FACTS.md §1: with the un-renormalized mean, C_X·C_P equals the mean per-sentence cosine."""
+    """LongAlign §4: with the un-renormalized mean, C_X·C_P equals the mean per-sentence cosine."""
     image, text, mask, direction = random_inputs(4, 3, 24, 6)
     cosines = F.cosine_similarity(image[:, None, :], text, dim=-1)  # [B, S]
     expected = (cosines * mask).sum(1) / mask.sum(1)

@@ -1,7 +1,7 @@
-"""Loading SD-1.5 UNet and VAE weights from every public layout (model/weights.py, FACTS.md §2).
+"""Loading SD-1.5 UNet and VAE weights from every public layout (model/weights.py, model/convert.py).
 
 Random tiny diffusers models are the reference: saved with ``save_pretrained``, and also converted HERE to the
-original single-file (ldm) layout by the inverse of the rules in FACTS.md §2, so the loader's rules are
+original single-file (ldm) layout by the inverse of the renaming rules, so the loader's rules are
 checked against an independent writing of them. Outputs must match diffusers to 1e-4 relative error (fp32).
 """
 import json
@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from model import weights
-from model.weights import (WeightsError, detect_single_file, load_pipeline, load_unet, load_vae,
-                           save_unet_diffusers, save_vae_diffusers)
-from test_unet_vae import TINY_UNET_CONFIG, TINY_VAE_CONFIG, relative_error
+from model.convert import Layout
+from model.weights import (WeightsError, atomic_write, detect_single_file, load_pipeline, load_unet, load_vae,
+                           save_unet_diffusers, save_vae_diffusers, write_json)
+from test_unet_vae import TEST_UNET_CONFIG, TEST_VAE_CONFIG, relative_error
 
 TOLERANCE = 1e-4
 
@@ -24,8 +25,8 @@ TOLERANCE = 1e-4
 def reference():
     """A tiny random diffusers UNet and VAE, saved as a diffusers pipeline folder (unet/ and vae/ only)."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
-    vae = diffusers.AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    unet = diffusers.UNet2DConditionModel(**TEST_UNET_CONFIG).eval()
+    vae = diffusers.AutoencoderKL(**TEST_VAE_CONFIG).eval()
     return unet, vae
 
 
@@ -62,7 +63,7 @@ def assert_vae_matches(vae, reference):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# diffusers -> original (ldm) layout: the inverse of FACTS.md §2's rules, written independently of the loader
+# diffusers -> original (ldm) layout: the inverse of the renaming rules, written independently of the loader
 # ----------------------------------------------------------------------------------------------------------
 
 RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -160,8 +161,10 @@ def test_diffusers_layout(reference, pipeline_folder, where):
                       pipeline_folder / "vae" / "diffusion_pytorch_model.safetensors")}
     unet_path, vae_path = paths[where]
     assert not detect_single_file(unet_path)
-    assert_unet_matches(load_unet(unet_path), reference[0])
-    assert_vae_matches(load_vae(vae_path), reference[1])
+    unet, vae = load_unet(unet_path), load_vae(vae_path)
+    assert unet.layout is vae.layout is Layout.DIFFUSERS
+    assert_unet_matches(unet, reference[0])
+    assert_vae_matches(vae, reference[1])
 
 
 @pytest.mark.parametrize("suffix, pickle_format", [(".safetensors", None), (".ckpt", "zip"), (".ckpt", "legacy")])
@@ -180,8 +183,10 @@ def test_original_single_file(reference, single_file_state, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "load", recording_load)
     assert detect_single_file(path)
-    assert_unet_matches(load_unet(path), reference[0])
-    assert_vae_matches(load_vae(path), reference[1])
+    unet, vae = load_unet(path), load_vae(path)
+    assert unet.layout is vae.layout is Layout.SINGLE_FILE
+    assert_unet_matches(unet, reference[0])
+    assert_vae_matches(vae, reference[1])
     assert mapped == ([] if pickle_format is None else [pickle_format == "zip"] * 3)  # a zip pickle is mapped
 
 
@@ -209,7 +214,9 @@ def test_standalone_ldm_vae_file(reference, single_file_state, tmp_path):
     path = tmp_path / "vae.safetensors"
     save_file({k.removeprefix("first_stage_model."): v for k, v in single_file_state.items()
                if k.startswith("first_stage_model.")}, str(path))
-    assert_vae_matches(load_vae(path), reference[1])
+    vae = load_vae(path)
+    assert vae.layout is Layout.LDM
+    assert_vae_matches(vae, reference[1])
 
 
 def test_legacy_vae_attention_names(reference, tmp_path):
@@ -245,7 +252,7 @@ def text_encoder():
 def wide_unet():
     """A tiny UNet that reads the 64-wide context of ``text_encoder``."""
     torch.manual_seed(2)
-    return diffusers.UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 64}).eval()
+    return diffusers.UNet2DConditionModel(**{**TEST_UNET_CONFIG, "cross_attention_dim": 64}).eval()
 
 
 def check_pipeline(pipeline, text_encoder, unet, vae):
@@ -309,6 +316,22 @@ def test_saved_folders_load_in_diffusers(reference, pipeline_folder, tmp_path):
     assert_vae_matches(load_vae(tmp_path), reference[1])
 
 
+def test_writes_are_atomic(tmp_path):
+    path = tmp_path / "out" / "config.json"
+    write_json(path, {"version": 1})
+
+    def crash_halfway(tmp):
+        tmp.write_text('{"vers')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, crash_halfway)
+    assert json.loads(path.read_text()) == {"version": 1}  # the old file, whole
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # and no temporary file left over
+    write_json(path, {"version": 2})
+    assert json.loads(path.read_text()) == {"version": 2}
+
+
 def test_save_refuses_unmerged_extra_keys(pipeline_folder, tmp_path):
     unet = load_unet(pipeline_folder)
     unet.conv_in.register_parameter("lora_down", torch.nn.Parameter(torch.zeros(1)))
@@ -366,7 +389,8 @@ def test_missing_and_misshapen_tensors_are_named(pipeline_folder, tmp_path):
     state["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
     (tmp_path / "config.json").write_text((pipeline_folder / "unet" / "config.json").read_text())
     save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(WeightsError, match=r"(?s)missing 1 keys: conv_out.bias.*conv_in.weight \(32, 4, 1, 1\)"):
+    with pytest.raises(WeightsError, match=r"(?s)UNet2DConditionModel \(detected layout: diffusers\).*"
+                                           r"missing 1 keys: conv_out.bias.*conv_in.weight \(32, 4, 1, 1\)"):
         load_unet(tmp_path)
 
 

@@ -1,5 +1,5 @@
-"""The shapes world of issue 7: the spec's constants, renderer and checker agreement, captions and their
-token offsets, and seeded disjoint splits."""
+"""mini/world.py, the shapes world: its constants, renderer and checker agreement, captions and their token
+offsets, and seeded disjoint splits."""
 import random
 import re
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CELL_EDGES, COLORS, POSITIONS, EMPTY_TEMPLATE, TEMPLATES, Scene, ShapeObject, ShapesDataset,
-                  caption, cell_box, check_facts, render, random_scene, sentence_token_starts, shapes_example,
-                  shapes_split, split_sentences, to_tensor)
+from data import to_tensor
+from mini.world import (CELL_EDGES, COLORS, POSITIONS, EMPTY_TEMPLATE, TEMPLATES, Scene, ShapeObject, ShapesCaptions,
+                        ShapesDataset, caption, cell_box, cell_slice, check_facts, render, random_scene,
+                        sentence_token_starts, shapes_example, shapes_split, split_captions)
+from model.longtext import split_sentences
 from model.tokenizer import CLIPTokenizer
 
 SCENES = shapes_split("test", 200)
@@ -24,6 +26,7 @@ def tokenizer():
 def test_world_constants_are_the_spec():
     assert CELL_EDGES == [0, 21, 42, 64]
     assert cell_box(0) == (0, 0, 21, 21) and cell_box(5) == (42, 21, 64, 42) and cell_box(8) == (42, 42, 64, 64)
+    assert cell_slice(5) == (slice(21, 42), slice(42, 64))
     assert POSITIONS == ("top left", "top middle", "top right", "middle left", "center", "middle right",
                          "bottom left", "bottom middle", "bottom right")
     assert COLORS == {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -178,3 +181,6 @@ def test_shapes_dataset_renders_on_the_fly():
     assert torch.equal(item["image"], to_tensor(render(scene)))
     assert item["caption"] in (text, "")
     assert 0 < sum(data[i]["caption"] == "" for i in range(50)) < 25
+    assert all(data.caption_of(i) == shapes_example("train", i)[1] for i in range(50))  # never dropped
+    prompts = ShapesCaptions(5)
+    assert len(prompts) == 5 and list(prompts) == split_captions("train", 5)

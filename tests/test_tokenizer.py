@@ -1,4 +1,4 @@
-"""The CLIP tokenizer gives OpenAI's ids (FACTS.md §4), checked against two independent oracles.
+"""The CLIP tokenizer gives OpenAI's ids, checked against two independent oracles.
 
 1. A reference written here from OpenAI's published algorithm: ftfy + double HTML unescape + whitespace
    collapse + lowercase, the split regex run by the ``regex`` module, and the textbook BPE loop (merge the
@@ -22,7 +22,7 @@ import regex
 import torch
 import transformers
 
-from model.tokenizer import BUNDLED_BPE, CONTEXT_LENGTH, EOT, SOT, CLIPTokenizer, clean_text
+from model.tokenizer import BUNDLED_BPE, CONTEXT_LENGTH, EOT, SOT, CLIPTokenizer, clean_text, load_tokenizer
 from model.weights import WeightsError
 
 CASES = [
@@ -283,6 +283,16 @@ def test_from_pretrained_errors(tok, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}), encoding="utf-8")
     with pytest.raises(WeightsError, match="not a CLIP vocabulary"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+def test_load_tokenizer_reads_the_pipeline_folder_else_bundles(tok, tmp_path):
+    bytes_only = {token: i for token, i in tok.vocab.items() if i < 512}  # the byte symbols, no merges
+    bytes_only.update({"<|startoftext|>": SOT, "<|endoftext|>": EOT})
+    CLIPTokenizer(bytes_only, ()).save_pretrained(tmp_path / "pipe" / "tokenizer")
+    assert load_tokenizer(tmp_path / "pipe").merges == ()
+    assert len(load_tokenizer(tmp_path / "pipe").encode("cat")) == 3
+    for weights in (tmp_path, tmp_path / "v1-5-pruned-emaonly.safetensors"):  # no tokenizer/: the bundled one
+        assert load_tokenizer(weights).encode("cat") == tok.encode("cat") and len(tok.encode("cat")) == 1
 
 
 @pytest.mark.parametrize("text", CASES)

@@ -2,12 +2,18 @@
 
 Loading real checkpoint layouts and parity after loading are in test_sd_loading.py.
 """
+import ast
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
 import diffusers
 import pytest
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
-from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
+from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, posterior_sample, to_uint8
 
 # The public runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json, the parts that matter.
 SD15_UNET_CONFIG = dict(
@@ -19,11 +25,11 @@ SD15_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
     block_out_channels=(128, 256, 512, 512), sample_size=512,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-# The same architecture as our "tiny" configs.
-TINY_UNET_CONFIG = dict(
+# The same architecture as our "test" configs.
+TEST_UNET_CONFIG = dict(
     sample_size=8, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE_CONFIG = dict(
+TEST_VAE_CONFIG = dict(
     layers_per_block=1, block_out_channels=(32, 64), sample_size=64,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
@@ -44,23 +50,23 @@ def test_full_sd15_architecture_matches_diffusers_on_meta(ours, theirs, config, 
     with torch.device("meta"):
         model = ours()  # the default config is sd15
         reference = theirs(**config)
-    assert len(model.state_dict()) == tensors  # FACTS.md §2 totals
+    assert len(model.state_dict()) == tensors  # the public SD-1.5 files' totals
     assert sum(p.numel() for p in model.parameters()) == params
     assert shapes(model) == shapes(reference)
 
 
-def tiny_pair(seed=0):
-    """Our tiny UNet and diffusers' with the same random weights."""
+def unet_pair(seed=0):
+    """Our test-config UNet and diffusers' with the same random weights."""
     torch.manual_seed(seed)
-    reference = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
-    unet = UNet2DConditionModel(UNET_CONFIGS["tiny"]).eval()
+    reference = diffusers.UNet2DConditionModel(**TEST_UNET_CONFIG).eval()
+    unet = UNet2DConditionModel(UNET_CONFIGS["test"]).eval()
     unet.load_state_dict(reference.state_dict())
     return unet, reference
 
 
 @pytest.mark.parametrize("height, width", [(8, 8), (9, 7)])  # 9×7: odd sizes on the way down
 def test_unet_matches_diffusers_at_any_latent_size(height, width):
-    unet, reference = tiny_pair()
+    unet, reference = unet_pair()
     latents, context = torch.randn(2, 4, height, width), torch.randn(2, 240, 32)
     timesteps = torch.tensor([3, 977])
     with torch.no_grad():
@@ -69,7 +75,7 @@ def test_unet_matches_diffusers_at_any_latent_size(height, width):
 
 
 def test_unet_timestep_forms_agree():
-    unet, _ = tiny_pair()
+    unet, _ = unet_pair()
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with torch.no_grad():
         expected = unet(latents, torch.tensor([500, 500]), context)
@@ -79,7 +85,7 @@ def test_unet_timestep_forms_agree():
 
 
 def test_unet_rejects_bad_context_and_timesteps():
-    unet = UNet2DConditionModel(UNET_CONFIGS["tiny"])
+    unet = UNet2DConditionModel(UNET_CONFIGS["test"])
     latents = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="context must be"):
         unet(latents, 1, torch.randn(2, 77, 768))
@@ -89,15 +95,15 @@ def test_unet_rejects_bad_context_and_timesteps():
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="cross_attention"):
-        type(UNET_CONFIGS["tiny"])(block_out_channels=(32, 64), cross_attention=(True,))
+        type(UNET_CONFIGS["test"])(block_out_channels=(32, 64), cross_attention=(True,))
     with pytest.raises(ValueError, match="divisible"):
-        type(VAE_CONFIGS["tiny"])(block_out_channels=(48, 64))
+        type(VAE_CONFIGS["test"])(block_out_channels=(48, 64))
 
 
 def test_vae_matches_diffusers():
     torch.manual_seed(0)
-    reference = diffusers.AutoencoderKL(**TINY_VAE_CONFIG).eval()
-    vae = AutoencoderKL(VAE_CONFIGS["tiny"]).eval()
+    reference = diffusers.AutoencoderKL(**TEST_VAE_CONFIG).eval()
+    vae = AutoencoderKL(VAE_CONFIGS["test"]).eval()
     vae.load_state_dict(reference.state_dict())
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -111,7 +117,7 @@ def test_vae_matches_diffusers():
 
 
 def test_vae_clamps_logvar():
-    vae = AutoencoderKL(VAE_CONFIGS["tiny"]).eval()
+    vae = AutoencoderKL(VAE_CONFIGS["test"]).eval()
     with torch.no_grad():
         vae.quant_conv.bias[4:] = 100.0  # the logvar half of the moments
         _, logvar = vae.encode(torch.zeros(1, 3, 16, 16))
@@ -129,11 +135,11 @@ def gradients(model, run):
 def test_gradient_checkpointing_gives_same_output_and_gradients(which):
     torch.manual_seed(0)
     if which == "unet":
-        model = UNet2DConditionModel(UNET_CONFIGS["tiny"])
+        model = UNet2DConditionModel(UNET_CONFIGS["test"])
         latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 240, 32)
         run = lambda: model(latents, torch.tensor([10, 700]), context)  # noqa: E731
     else:
-        model = AutoencoderKL(VAE_CONFIGS["tiny"])
+        model = AutoencoderKL(VAE_CONFIGS["test"])
         latents = torch.randn(1, 4, 8, 8)
         run = lambda: model.decode(latents) + model.encode(model.decode(latents))[0].mean()  # noqa: E731
     plain_out, plain_grads = gradients(model, run)
@@ -146,10 +152,55 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(which):
 
 
 def test_runs_in_bfloat16():
-    unet, _ = tiny_pair()
+    unet, _ = unet_pair()
     latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
         full = unet(latents, 400, context)
         half = unet.to(torch.bfloat16)(latents.bfloat16(), 400, context.bfloat16())
     assert half.dtype == torch.bfloat16
     assert relative_error(half.float(), full) < 0.05
+
+
+def test_scaling_factor_lives_in_the_config_only():
+    vae = AutoencoderKL(VAE_CONFIGS["test"])
+    with pytest.raises(AttributeError):
+        vae.scaling_factor = 0.5
+    vae.config = dataclasses.replace(vae.config, scaling_factor=0.5)
+    assert vae.scaling_factor == 0.5
+
+
+def test_latent_shape_follows_the_downsample_factor():
+    with torch.device("meta"):
+        sd15 = AutoencoderKL()
+    assert sd15.latent_shape(2, 512, 768) == (2, 4, 64, 96)
+    assert AutoencoderKL(VAE_CONFIGS["test"]).latent_shape(1, 6, 10) == (1, 4, 3, 5)
+    with pytest.raises(ValueError, match="multiple of the VAE's downsample factor 8"):
+        sd15.latent_shape(1, 512, 500)
+
+
+def test_posterior_sample_matches_diffusers():
+    mean, logvar = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    expected = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(
+        generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(posterior_sample(mean, logvar, noise), expected)
+
+
+def test_to_uint8_rounds_clamps_and_moves_channels_last():
+    images = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).repeat(3, 1)[:, None, :]  # [3, 1, 7]
+    pixels = to_uint8(images.to(torch.float16))
+    assert pixels.dtype == torch.uint8 and pixels.device.type == "cpu" and pixels.shape == (1, 7, 3)
+    # (x + 1) · 127.5, rounded half to even: -0.5 -> 63.75 -> 64, 0 -> 127.5 -> 128, 0.999 -> 254.87 -> 255
+    assert pixels[0, :, 0].tolist() == [0, 0, 64, 128, 255, 255, 255]
+    batch = torch.rand(2, 5, 3, 4, 6) * 2 - 1
+    assert to_uint8(batch).shape == (2, 5, 4, 6, 3)
+    pixel = batch[1, 2, :, 3, 5]  # the three channels of one pixel
+    assert torch.equal(to_uint8(batch)[1, 2, 3, 5], to_uint8(pixel[:, None, None])[0, 0])
+
+
+def test_no_class_name_is_defined_in_two_model_files():
+    names = Counter()
+    for path in sorted((Path(__file__).resolve().parents[1] / "model").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names.update({node.name for node in tree.body if isinstance(node, ast.ClassDef)})
+    assert [name for name, count in names.items() if count > 1] == []

@@ -1,4 +1,4 @@
-"""Where does the miniature lose the caption: in the text encoder or the UNet? And does its scorer notice? (issue 7)
+"""Where does the miniature lose the caption: in the text encoder or the UNet? And does its scorer notice?
 
 Four measurements on a trained miniature pipeline (default: the shipped ``weights/mini``):
 
@@ -21,42 +21,41 @@ Four measurements on a trained miniature pipeline (default: the shipped ``weight
    higher, for the original score and its text-relevant part (LongAlign §4). Near 50% means the reward
    cannot teach the model to avoid that error.
 
-    python bench/mini_diagnose.py
-    python bench/mini_diagnose.py --weights runs/mini/sft-segment/pipeline --scenes 64
+    python -m mini.diagnose
+    python -m mini.diagnose --weights runs/mini/sft-segment/pipeline --scenes 64
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import random
 import sys
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data import to_tensor
+from mini import world
+from mini.metrics import SHIPPED, generate, load_scorer, renders, scene_noise
+from mini.world import Scene, ShapeObject
+from model.diffusion import NoiseSchedule
+from model.longtext import LongPromptEncoder
+from model.preference import Scorer
+from model.tokenizer import frame
+from model.weights import load_pipeline
 
-import data  # noqa: E402
-import score  # noqa: E402
-from model.diffusion import NoiseSchedule  # noqa: E402
-from model.longtext import LongPromptEncoder  # noqa: E402
-from model.preference import Scorer  # noqa: E402
-from model.tokenizer import frame  # noqa: E402
-from model.weights import load_pipeline  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 TIMESTEPS = (100, 300, 500, 700, 850, 950)
-SHIPPED_SCORER = ROOT / "weights" / "mini" / "scorer"
 
 
 def random_sentence(rng: random.Random) -> tuple[str, dict[str, int]]:
     """One object sentence of the shapes world and the class index of each of its four attributes."""
-    cell, color = rng.randrange(len(data.POSITIONS)), rng.choice(list(data.COLORS))
-    shape, size = rng.choice(data.SHAPES), rng.choice(list(data.SIZES))
-    sentence = rng.choice(data.TEMPLATES).format(size=size, color=color, shape=shape, position=data.POSITIONS[cell])
-    labels = {"cell": cell, "colour": list(data.COLORS).index(color), "shape": data.SHAPES.index(shape),
-              "size": list(data.SIZES).index(size)}
+    cell, color = rng.randrange(len(world.POSITIONS)), rng.choice(list(world.COLORS))
+    shape, size = rng.choice(world.SHAPES), rng.choice(list(world.SIZES))
+    sentence = rng.choice(world.TEMPLATES).format(size=size, color=color, shape=shape, position=world.POSITIONS[cell])
+    labels = {"cell": cell, "colour": list(world.COLORS).index(color), "shape": world.SHAPES.index(shape),
+              "size": list(world.SIZES).index(size)}
     return sentence, labels
 
 
@@ -94,8 +93,8 @@ def probe_table(pipeline, n_train: int, n_test: int) -> list[str]:
 
 @torch.no_grad()
 def caption_use_table(pipeline, n_scenes: int) -> list[str]:
-    examples = [data.shapes_example("train", i) for i in range(n_scenes)]
-    images = torch.stack([data.to_tensor(data.render(scene)) for scene, _ in examples])
+    examples = [world.shapes_example("train", i) for i in range(n_scenes)]
+    images = torch.stack([to_tensor(world.render(scene)) for scene, _ in examples])
     captions = [caption for _, caption in examples]
     encoder = LongPromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
     contexts = {"own": encoder(captions), "other": encoder(captions[1:] + captions[:1]),
@@ -115,32 +114,32 @@ def caption_use_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
-def other_colours(scene: data.Scene, obj: data.ShapeObject) -> set[str]:
+def other_colours(scene: Scene, obj: ShapeObject) -> set[str]:
     """The colours the caption names for objects other than ``obj``, ``obj``'s own colour left out."""
     return {o.color for o in scene.objects if o is not obj} - {obj.color}
 
 
-def colour_source(image: np.ndarray, scene: data.Scene, obj: data.ShapeObject) -> str:
+def colour_source(image: np.ndarray, scene: Scene, obj: ShapeObject) -> str:
     """Where the colour drawn in ``obj``'s cell comes from (see the module's docstring, point 3)."""
-    ink, nearest = data.ink_and_nearest_colour(image[data._cell_slice(obj.cell)].astype(np.float64))
-    if ink.mean() < data.OBJECT_MIN_INK:
+    ink, nearest = world.ink_and_nearest_colour(image[world.cell_slice(obj.cell)].astype(np.float64))
+    if ink.mean() < world.OBJECT_MIN_INK:
         return "no object drawn"
-    dominant = list(data.COLORS)[np.bincount(nearest[ink], minlength=len(data.COLORS)).argmax()]
+    dominant = list(world.COLORS)[np.bincount(nearest[ink], minlength=len(world.COLORS)).argmax()]
     if dominant == obj.color:
         return "the named colour"
     return "another object's colour" if dominant in other_colours(scene, obj) else "a colour the caption does not name"
 
 
 def colour_source_table(pipeline, n_scenes: int) -> list[str]:
-    examples = data.shapes_split("test", n_scenes)
-    noise = score.scene_noise(n_scenes, pipeline.vae, seed=0)
-    settings = SimpleNamespace(batch_size=50, sample_steps=10, cfg=3.0)  # the README table's sampler
-    images = score.generate(pipeline, [caption for _, caption in examples], "segment", noise, settings)
+    examples = world.shapes_split("test", n_scenes)
+    noise = scene_noise(n_scenes, pipeline.vae, seed=0)
+    images = generate(pipeline, [caption for _, caption in examples], "segment", noise, steps=10, cfg=3.0,
+                      batch_size=50)  # the evaluation table's sampler
     sources, wrong_in_caption = Counter(), []
-    for image, (scene, _) in zip(images.permute(0, 2, 3, 1).numpy(), examples):
+    for image, (scene, _) in zip(images.numpy(), examples):
         for obj in scene.objects:
             sources[colour_source(image, scene, obj)] += 1
-            wrong_in_caption.append(len(other_colours(scene, obj)) / (len(data.COLORS) - 1))
+            wrong_in_caption.append(len(other_colours(scene, obj)) / (len(world.COLORS) - 1))
     total = sum(sources.values())
     rows = ["| drawn in the object's cell | share of objects (%) |", "|---|---|"]
     for name in ("the named colour", "another object's colour", "a colour the caption does not name",
@@ -154,15 +153,15 @@ def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
-def same_wording_caption(split: str, index: int, scene: data.Scene) -> str:
-    """The caption ``data.shapes_example(split, index)`` would give ``scene``: the same random templates and
+def same_wording_caption(split: str, index: int, scene: Scene) -> str:
+    """The caption ``world.shapes_example(split, index)`` would give ``scene``: the same random templates and
     sentence order as the example's own caption (the generator's random state after drawing its scene)."""
-    rng = random.Random(data.SPLIT_SEED_BASE[split] + index)
-    data.random_scene(rng)
-    return data.caption(scene, rng)
+    rng = random.Random(world.SPLIT_SEED_BASE[split] + index)
+    world.random_scene(rng)
+    return world.caption(scene, rng)
 
 
-def swap_two_colours(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+def swap_two_colours(scene: Scene, rng: random.Random) -> Scene | None:
     """Two objects of different colours trade colours (a binding error); None when all colours are equal."""
     pairs = [(a, b) for a in range(len(scene.objects)) for b in range(a)
              if scene.objects[a].color != scene.objects[b].color]
@@ -175,9 +174,9 @@ def swap_two_colours(scene: data.Scene, rng: random.Random) -> data.Scene | None
     return dataclasses.replace(scene, objects=tuple(objects))
 
 
-def replace_one_colour(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+def replace_one_colour(scene: Scene, rng: random.Random) -> Scene | None:
     """One object takes a colour no object of the scene has; None when the scene uses all eight."""
-    unused = [c for c in data.COLORS if c not in {o.color for o in scene.objects}]
+    unused = [c for c in world.COLORS if c not in {o.color for o in scene.objects}]
     if not unused:
         return None
     k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
@@ -185,10 +184,10 @@ def replace_one_colour(scene: data.Scene, rng: random.Random) -> data.Scene | No
     return dataclasses.replace(scene, objects=tuple(objects))
 
 
-def move_one_object(scene: data.Scene, rng: random.Random) -> data.Scene | None:
+def move_one_object(scene: Scene, rng: random.Random) -> Scene | None:
     """One object moves to a cell the caption does not mention; None when every cell is mentioned."""
     taken = {o.cell for o in scene.objects} | set(scene.empty_mentioned)
-    free = [c for c in range(len(data.POSITIONS)) if c not in taken]
+    free = [c for c in range(len(world.POSITIONS)) if c not in taken]
     if not free:
         return None
     k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
@@ -202,8 +201,8 @@ ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour replaced
 
 @torch.no_grad()
 def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
-    examples = data.shapes_split("test", n_scenes)
-    images = score.renders(examples).float().div(255)
+    examples = world.shapes_split("test", n_scenes)
+    images = renders(examples).permute(0, 3, 1, 2).float().div(255)
     true = scorer.score(images, [caption for _, caption in examples], direction)
     rng = random.Random(0)
     rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
@@ -224,16 +223,21 @@ def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=ROOT / "weights" / "mini", help="a miniature pipeline folder")
+    p.add_argument("--weights", type=Path, default=SHIPPED, help="a miniature pipeline folder (default: the "
+                   "shipped weights/mini)")
     p.add_argument("--scenes", type=int, default=64, help="training scenes for the caption-use table")
     p.add_argument("--colour-scenes", type=int, default=100, help="held-out scenes generated for the colour table")
     p.add_argument("--scorer", type=Path, help="the scorer for the last table (default: the pipeline's "
                    "scorer/, else the shipped weights/mini/scorer)")
     p.add_argument("--scorer-scenes", type=int, default=500, help="held-out real renders for the scorer table")
     p.add_argument("--probe-sentences", type=int, nargs=2, default=(2000, 1000), metavar=("TRAIN", "TEST"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def report(args) -> None:
+    """Print the four tables (see the module's docstring)."""
     torch.manual_seed(0)
     pipeline = load_pipeline(args.weights, dtype=torch.float32)
     for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
@@ -247,13 +251,22 @@ def main(argv=None) -> None:
           "DPM-Solver++ 10 steps, CFG 3)\n")
     print("\n".join(colour_source_table(pipeline, args.colour_scenes)))
     own_scorer = args.weights / "scorer"
-    scorer_folder = args.scorer or (own_scorer if own_scorer.is_dir() else SHIPPED_SCORER)
-    scorer = Scorer.load(scorer_folder, dtype=torch.float32)
-    direction = score.find_direction(None, scorer_folder, scorer)
+    scorer, direction = load_scorer(args.scorer or (own_scorer if own_scorer.is_dir() else None), None,
+                                    dtype=torch.float32)
     print(f"\nScorer: does the true caption beat one with an error put in? ({args.scorer_scenes} held-out real "
           "renders)\n")
     print("\n".join(scorer_error_table(scorer, direction, args.scorer_scenes)))
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report(args)
+    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
+        print(f"error: {' '.join(line.strip() for line in str(err).splitlines())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Process plumbing shared by every training loop: devices, DDP, signals, randomness, checkpoints, EMA.
+
+None of this is LongAlign. It is what makes a long run on a shared machine safe and exact:
+- a run under ``torchrun --nproc_per_node=N`` computes the same update as one process with an N-times larger
+  batch (every random draw is made for the global batch; gradients are averaged over the ranks);
+- a run stopped at any point (Ctrl-C, SIGTERM, a crash) resumes from its last checkpoint and gives the same
+  losses as an uninterrupted run (the checkpoint holds weights, optimizer, schedule, RNG states and the data
+  position, and is written atomically);
+- a NaN or infinite loss stops the run before it can overwrite the last good checkpoint.
+
+``train.py`` (LongAlign's two stages) and ``mini/pretrain.py`` (the miniature's CLIP and VAE) both write
+their loop out in full and call these pieces.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from model.vae import to_uint8
+from model.weights import atomic_write
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and processes
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Env:
+    """Where this process runs: its rank among ``world`` processes, its device, and the autocast dtype."""
+    rank: int
+    world: int
+    device: torch.device
+    half: torch.dtype | None  # bf16/fp16 autocast on CUDA; None runs everything in fp32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None)
+
+
+def setup_env(device: str | None, precision: str) -> Env:
+    """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo on CPU).
+
+    ``precision`` is "auto" (bf16 on CUDA, fp32 on the CPU) or a key of PRECISIONS.
+    """
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if device:
+        device = torch.device(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"--precision {precision} needs CUDA; on the CPU training runs in fp32")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Env(rank, world, device, PRECISIONS[precision])
+
+
+def end_processes(env: Env) -> None:
+    if env.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """The same initial weights on every rank (rank 0's are broadcast anyway, see TrainState.start)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def global_randn(generator: torch.Generator, shape: tuple, env: Env) -> torch.Tensor:
+    """N(0, 1) noise for the GLOBAL batch, of which this rank keeps rows rank::world.
+
+    DistributedSampler gives rank r the samples at positions r, r + world, ... of the global batch, so
+    every sample meets the same noise whether one process or N run the step. All ranks share one seeded
+    generator and draw in lockstep; the extra rows cost nothing next to a UNet call.
+    """
+    noise = torch.randn((shape[0] * env.world, *shape[1:]), generator=generator)
+    return noise[env.rank::env.world].to(env.device)
+
+
+def global_rand(generator: torch.Generator, n: int, env: Env) -> torch.Tensor:
+    """U[0, 1) for the global batch, sliced like :func:`global_randn`."""
+    return torch.rand(n * env.world, generator=generator)[env.rank::env.world].to(env.device)
+
+
+def global_randint(generator: torch.Generator, high: int, n: int, env: Env) -> torch.Tensor:
+    """Integers in [0, high) for the global batch, sliced like :func:`global_randn`."""
+    return torch.randint(0, high, (n * env.world,), generator=generator)[env.rank::env.world].to(env.device)
+
+
+def mean_over_ranks(values: dict[str, float], env: Env) -> dict[str, float]:
+    """The mean of each logged number over the ranks (the global batch's value)."""
+    if env.world == 1:
+        return values
+    totals = torch.tensor(list(values.values()), dtype=torch.float64, device=env.device)
+    dist.all_reduce(totals)
+    return dict(zip(values, (totals / env.world).tolist()))
+
+
+def any_rank(flag: bool, env: Env) -> bool:
+    if env.world == 1:
+        return flag
+    votes = torch.tensor(float(flag), device=env.device)
+    dist.all_reduce(votes)
+    return bool(votes > 0)
+
+
+def average_gradients(params: list[nn.Parameter], env: Env, bucket_numel: int = 2 ** 24) -> None:
+    """Replace every gradient by its mean over the ranks, in flat buckets.
+
+    This is what DistributedDataParallel does during backward. Its wrapper is not used here because it
+    expects one forward per backward, and the reward rollout calls the UNet up to 50 times per step, with
+    the K gradient steps recomputed inside backward by checkpointing. One explicit all-reduce per optimizer
+    step serves every loop, with or without gradient accumulation.
+    """
+    if env.world == 1:
+        return
+    bucket, size = [], 0
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        bucket.append(param.grad)
+        size += param.numel()
+        if size >= bucket_numel or param is params[-1]:
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            dist.all_reduce(flat)
+            flat /= env.world
+            for grad, piece in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+                grad.copy_(piece.view_as(grad))
+            bucket, size = [], 0
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint after the current step and exit; a second
+    Ctrl-C stops at once. Under torchrun every rank gets the signal and they agree on the step (any_rank)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def check_finite(loss: torch.Tensor, step: int, env: Env) -> None:
+    """Stop (Diverged) when the global batch's loss is not finite, before it can reach the weights."""
+    value = mean_over_ranks({"loss": float(loss.detach())}, env)["loss"]
+    if not math.isfinite(value):
+        raise Diverged(f"the loss is {value} at step {step}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataPosition:
+    """How far the run has read: the epoch, and how many of its batches (per rank) are used up."""
+    epoch: int = 0
+    batches: int = 0
+
+
+def collate(items: list) -> dict:
+    if isinstance(items[0], str):
+        return {"caption": list(items)}
+    return {"image": torch.stack([item["image"] for item in items]), "caption": [item["caption"] for item in items]}
+
+
+def endless_batches(dataset, position: DataPosition, batch_size: int, seed: int, workers: int, env: Env):
+    """Yield batches epoch after epoch from ``position`` on, advancing it.
+
+    The order of an epoch is DistributedSampler's seeded shuffle, a function of (seed, epoch) only, so a
+    resumed run skips exactly the batches it already used, and N ranks together read what one process
+    with an N-times larger batch reads.
+    """
+    while True:
+        if hasattr(dataset, "set_epoch"):  # caption dropout varies with the epoch
+            dataset.set_epoch(position.epoch)
+        sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(position.epoch)
+        remaining = list(sampler)[position.batches * batch_size:]
+        loader = DataLoader(dataset, batch_size, sampler=remaining, collate_fn=collate, drop_last=True,
+                            num_workers=workers, generator=torch.Generator().manual_seed(seed))
+        for batch in loader:
+            position.batches += 1
+            yield batch
+        position.epoch, position.batches = position.epoch + 1, 0
+
+
+def check_dataset_size(dataset, batch_size: int, env: Env) -> None:
+    if len(dataset) // env.world // batch_size == 0:
+        raise ValueError(f"the data has {len(dataset)} usable items, fewer than one global batch "
+                         f"({batch_size} per process × {env.world}); lower --batch-size or add data")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Randomness and the learning rate
+# ----------------------------------------------------------------------------------------------------------
+
+def rng_states(generator: torch.Generator) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)  # torch.load-safe
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "train": generator.get_state()}
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    generator.set_state(states["train"])
+
+
+def learning_rate_factor(step: int, warmup: int, decay_from: int | None, steps: int) -> float:
+    """The factor on the base learning rate at optimizer step ``step`` (0-based).
+
+    A linear warm-up over ``warmup`` steps, then constant, as in the authors' released training scripts; with
+    ``decay_from``, a linear fall from 1 at that step to 0 at ``steps``. It depends on the step alone, so a
+    resumed run continues the same curve; raising the step count on resume changes it only after
+    ``decay_from``.
+    """
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    if decay_from is not None and step >= decay_from:
+        factor *= max(0.0, (steps - step) / max(1, steps - decay_from))
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training state: what a checkpoint holds
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """The mutable state of a loop, saved whole in every checkpoint.
+
+    ``trainable`` names every parameter that is trained (requires_grad); ``generator`` makes every random
+    draw of training (noise, timesteps, rollout offsets, crops), so it is saved with the rest.
+    """
+    trainable: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    ema: dict[str, torch.Tensor] | None
+    signature: dict  # the settings a resume must not change (data order, noise, batch)
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self.trainable.values())
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.position.epoch, "batches": self.position.batches,
+                "trainable": {name: p.detach().cpu() for name, p in self.trainable.items()},
+                "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rng_states(self.generator),
+                "signature": self.signature}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["signature"]
+        changed = {k: (saved.get(k), v) for k, v in self.signature.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError("the checkpoint was made with other settings: " + ", ".join(
+                f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items()) + "; use the same ones to resume")
+        if set(self.trainable) != set(state["trainable"]):
+            raise ValueError("the checkpoint's trained weights do not match this model; resume with the same "
+                             "weights, config and LoRA settings")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:  # a run that turns EMA on at a resume starts it from the loaded weights
+            self.ema = {name: (state["ema"] or state["trainable"])[name].to(param.device).clone()
+                        for name, param in self.trainable.items()}
+        set_rng_states(state["rng"], self.generator)
+        self.step, self.position = state["step"], DataPosition(state["epoch"], state["batches"])
+
+
+def start_training(model: nn.Module, args, signature: dict, env: Env) -> TrainState:
+    """AdamW over the model's trainable parameters, the warm-up schedule, the fp16 loss scaler, the EMA and
+    the training generator; resumed from OUT/checkpoint.pt with ``--resume`` when there is one.
+
+    ``args`` carries the optimisation flags both training scripts share: lr, adam_betas, adam_eps,
+    weight_decay, warmup, decay_from, steps, ema, seed, out, resume.
+    """
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, args.warmup, args.decay_from, args.steps))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.half == torch.float16)
+    ema = {name: p.detach().clone() for name, p in trainable.items()} if args.ema else None
+    state = TrainState(trainable, optimizer, lr_schedule, scaler, torch.Generator().manual_seed(args.seed), ema,
+                       signature)
+    checkpoint, metrics = args.out / CHECKPOINT_FILE, args.out / METRICS_FILE
+    if args.resume and checkpoint.exists():
+        state.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        if env.main:
+            keep_metrics_until(metrics, state.step)
+            print(f"resumed {checkpoint} at step {state.step}")
+    elif env.main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        metrics.write_text("")
+    if env.world > 1:  # what DDP does at start: every rank begins from rank 0's weights
+        for param in state.params:
+            dist.broadcast(param.data, src=0)
+    return state
+
+
+def refuse_overwrite(out: Path, resume: bool) -> None:
+    if (out / CHECKPOINT_FILE).exists() and not resume:
+        raise ValueError(f"{out / CHECKPOINT_FILE} exists; pass --resume to continue that run, or choose another --out")
+
+
+def optimizer_step(state: TrainState, grad_clip: float, ema_decay: float, env: Env) -> dict[str, float]:
+    """After the micro-batches' backward passes: average over ranks, clip, step, schedule, EMA.
+
+    Returns the gradient norm (before clipping) and the learning rate this step used.
+    """
+    average_gradients(state.params, env)
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, grad_clip))
+    lr = state.lr_schedule.get_last_lr()[0]
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.lr_schedule.step()
+    if state.ema is not None:
+        with torch.no_grad():
+            for name, param in state.trainable.items():
+                state.ema[name].lerp_(param.detach(), 1.0 - ema_decay)
+    state.step += 1
+    return {"grad_norm": grad_norm, "lr": lr}
+
+
+@contextlib.contextmanager
+def ema_weights(state: TrainState):
+    """Swap the EMA weights in (for outputs and previews), and the training weights back afterwards."""
+    if state.ema is None:
+        yield
+        return
+    backup = {name: p.detach().clone() for name, p in state.trainable.items()}
+    with torch.no_grad():
+        for name, param in state.trainable.items():
+            param.copy_(state.ema[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in state.trainable.items():
+                param.copy_(backup[name])
+
+
+def save_checkpoint(state: TrainState, out: Path) -> None:
+    """Written atomically: a crash never leaves half a checkpoint."""
+    atomic_write(out / CHECKPOINT_FILE, lambda tmp: torch.save(state.state_dict(), tmp))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logs and previews
+# ----------------------------------------------------------------------------------------------------------
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def save_image_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """Rows of images [N, 3, H, W] in [-1, 1] as one PNG, the rows stacked top to bottom."""
+    pixels = to_uint8(torch.stack(rows))  # [R, N, H, W, 3]
+    n_rows, n_cols, height, width, _ = pixels.shape
+    grid = pixels.permute(0, 2, 1, 3, 4).reshape(n_rows * height, n_cols * width, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
