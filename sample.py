@@ -21,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from model.diffusion import DDIMSampler, DPMSolverSampler, NoiseSchedule, sample_loop
 from model.longtext import RENAMED, STRATEGIES, DroppedTokensWarning, LongPromptEncoder, check_strategy
-from model.lora import load_lora, merge_lora
+from model.lora import load_lora_state_dict, merge_lora, read_lora_file
 from model.vae import to_uint8
 from model.weights import WeightsError, load_pipeline
 
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=Path, default=None,
                    help=f"SD-1.5 diffusers folder or single-file checkpoint (default: the shipped miniature, "
                         f"{DEFAULT_WEIGHTS})")
-    p.add_argument("--lora", type=Path, default=None, help="a LoRA .safetensors written by train.py")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="a LoRA file: train.py's, kohya/A1111, diffusers/PEFT, or the LongAlign release's .pt list")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: what the weights recommend in longalign.json, else 50)")
@@ -162,7 +163,7 @@ def fill_sampling_defaults(args, record: dict):
 
 
 def choose_strategy(args, tokenizer, trained: str | None) -> str:
-    """'auto': the encoding the weights were fine-tuned with, if they say; otherwise the paper's segment
+    """'auto': the encoding the weights (or the LoRA) were fine-tuned with, if they say; otherwise the paper's segment
     encoding for prompts over 77 tokens and plain CLIP, as SD-1.5 was trained, for prompts that fit."""
     if args.encoding != "auto":
         return args.encoding
@@ -212,12 +213,21 @@ def output_paths(out: Path, batch: int) -> list[Path]:
 
 
 def load_model(args, weights: Path, device, dtype):
-    """The pipeline in ``dtype`` on ``device``, with the --lora merged into its UNet."""
+    """The pipeline in ``dtype`` on ``device`` with the --lora merged into its UNet, and the encoding that LoRA
+    was trained with when its file records it (train.py's files do; kohya, PEFT and older files do not)."""
     pipe = load_pipeline(weights, dtype=dtype, device=device)
-    if args.lora is not None:
-        load_lora(pipe.unet, args.lora)
-        merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
-    return pipe
+    if args.lora is None:
+        return pipe, None
+    lora = read_lora_file(args.lora, pipe.unet)
+    load_lora_state_dict(pipe.unet, lora.state, source=f"{args.lora} ({lora.layout})")
+    merge_lora(pipe.unet)  # folded into the weights: sampling then costs no more than without it
+    trained = lora.metadata.get("encoding")
+    if trained is not None:
+        try:
+            check_strategy(trained)
+        except ValueError as err:
+            raise WeightsError(f"{args.lora} records an unknown encoding ({err}); pass --encoding yourself") from None
+    return pipe, trained
 
 
 def encode_contexts(args, encoder: LongPromptEncoder, strategy: str, text_width: int):
@@ -251,8 +261,8 @@ def main(argv=None):
         weights = weights_path(args)
         record = training_record(weights)
         fill_sampling_defaults(args, record)
-        pipe = load_model(args, weights, device, dtype)
-        strategy = choose_strategy(args, pipe.tokenizer, record.get("encoding"))
+        pipe, lora_encoding = load_model(args, weights, device, dtype)
+        strategy = choose_strategy(args, pipe.tokenizer, lora_encoding or record.get("encoding"))
         encoder = LongPromptEncoder(pipe.tokenizer, pipe.text_encoder, args.max_tokens, strategy)
         sampler = SAMPLERS[args.sampler](NoiseSchedule(), args.steps)
         height, width = args.height or pipe.default_size, args.width or pipe.default_size

@@ -32,14 +32,15 @@ import data
 from model import runtime
 from model.diffusion import DDIMSampler, NoiseSchedule, denoising_loss, gradient_steps, rollout, sample_loop
 from model.longtext import DroppedTokensWarning, LongPromptEncoder
-from model.lora import inject_lora, load_lora_state_dict, lora_state_dict, merge_and_unload, stack_loras
+from model.lora import (inject_lora, load_lora_state_dict, lora_state_dict, merge_and_unload, read_lora_file,
+                        stack_loras)
+from model.lora_formats import lora_metadata, save_lora_file
 from model.preference import KINDS, Scorer, load_direction
 from model.tokenizer import load_tokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import posterior_sample
-from model.weights import (load_text_encoder, load_unet, load_vae, read_state_dict, save_state_dict,
-                           save_text_encoder, save_unet_diffusers, save_vae_diffusers, write_json,
-                           write_pipeline_files)
+from model.weights import (load_text_encoder, load_unet, load_vae, save_text_encoder, save_unet_diffusers,
+                           save_vae_diffusers, write_json, write_pipeline_files)
 
 # The official runs: lr 3e-5 after 2000 warm-up steps, gradient clip 0.3; SFT 16 images × 2 accumulation per
 # GPU, reward 8 prompts per GPU for about 3750 steps.
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sft --full: train a fresh UNet of this model/unet.py config instead of --weights' UNet")
     g.add_argument("--full", action="store_true", help="sft: train the whole UNet instead of a LoRA")
     g.add_argument("--lora-rank", type=int, default=32, help="default: %(default)s")
+    g.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="dropout on the LoRA branch in training, as the release (default: %(default)s)")
     g.add_argument("--sft-lora", type=Path, help="reward: the SFT LoRA to merge into the UNet first")
 
     g = p.add_argument_group("text")
@@ -193,14 +196,14 @@ def load_unet_to_train(args, env: runtime.Env, text_encoder, vae):
         unet = load_unet(args.unet or args.weights, device=env.device)
     sft_lora = None
     if args.sft_lora:
-        sft_lora = read_state_dict(args.sft_lora)
+        sft_lora = read_lora_file(args.sft_lora, unet).state
         load_lora_state_dict(unet, sft_lora, source=str(args.sft_lora))
         merge_and_unload(unet)
     if args.full:
         unet.requires_grad_(True)  # fp32 master weights; autocast runs the forward in half precision
     else:
         unet.to(dtype=env.half)  # the base only: inject_lora's new weights stay fp32 (model/lora.py)
-        inject_lora(unet, args.lora_rank)  # freezes the base
+        inject_lora(unet, args.lora_rank, dropout=args.lora_dropout)  # freezes the base
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.stage == "reward":
@@ -268,13 +271,18 @@ def trained_lora(unet, sft_lora: dict | None) -> dict:
 
 
 def save_outputs(unet, args, sft_lora: dict | None) -> None:
-    """lora.safetensors (and, for reward, lora_reward.safetensors alone), or unet/ with --full."""
+    """lora.safetensors (and, for reward, lora_reward.safetensors alone), or unet/ with --full.
+
+    The LoRA files use the kohya key names that A1111, ComfyUI and diffusers' load_lora_weights read, and
+    record in their metadata how they were trained, so sample.py encodes prompts the same way.
+    """
     if args.full:
         save_unet_diffusers(unet, args.out / "unet")
         return
+    metadata = lora_metadata(Path(args.weights).name, args.encoding, args.max_tokens, args.stage, t5=False)
     if sft_lora is not None:
-        save_state_dict(lora_state_dict(unet), args.out / "lora_reward.safetensors")
-    save_state_dict(trained_lora(unet, sft_lora), args.out / "lora.safetensors")
+        save_lora_file(lora_state_dict(unet), args.out / "lora_reward.safetensors", metadata)
+    save_lora_file(trained_lora(unet, sft_lora), args.out / "lora.safetensors", metadata)
 
 
 def export_pipeline(unet, args, sft_lora: dict | None, folder: Path) -> None:

@@ -3,7 +3,7 @@
 LongAlign trains a rank-32 LoRA (Hu et al. 2021) in both stages: in supervised fine-tuning, and
 again, freshly initialised on top of the merged SFT weights, in reward fine-tuning. A LoRA layer computes
 
-    y = W x + b + (alpha / r) · up(down(x))
+    y = W x + b + dropout((alpha / r) · up(down(x)))
 
 with ``down`` a rank-r projection (for a convolution: the same kernel, stride and padding as the base, out to r
 channels) and ``up`` a map back to the output width (for a convolution: a 1×1 conv). ``up`` starts at zero, so
@@ -16,28 +16,36 @@ Choices made here:
   them in bf16, which is listed among its defects. ``model.to(torch.bfloat16)`` casts the base weights only.
 - The layer keeps the base layer's parameter names (``weight``, ``bias``), so a model with LoRA still loads
   diffusers checkpoints key for key; the adapters add ``lora_down`` and ``lora_up`` beside them.
+- The dropout (default 0) acts in train mode only: the authors' release trains with 0.1, in SFT and in every
+  reward rollout step (the UNet is in train mode there), and samples without it.
+
+Files are written in the kohya / A1111 layout and read in every layout of ``model/lora_formats.py``.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.convert import Layout, WeightsError
-from model.weights import check_state_dict, read_state_dict, save_state_dict
+from model.lora_formats import (LoRALayout, from_release_list, read_lora_contents,
+                                save_lora_file, to_dotted_state)
+from model.weights import check_state_dict
 
-# Where the adapters go: every Linear/Conv2d of the ResNet blocks, of self-attention (attn1), of
-# cross-attention (attn2; the authors' release notes that results are poor without it) and of the
-# feed-forward (the GEGLU projection and the output Linear). Matched with re.search against the full module name, e.g.
-# "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".
+# Where the adapters go, as in the authors' release: every Linear/Conv2d inside a ResNet block, inside
+# self- and cross-attention (attn1, attn2; the release notes that results are poor without cross-attention)
+# and inside GEGLU, the feed-forward's input projection. Not the feed-forward's output Linear ff.net.2, which
+# sits outside GEGLU. Matched with re.search against the full module name, e.g.
+# "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k". On SD-1.5: 224 modules, 28,291,072
+# parameters at rank 32.
 DEFAULT_PATTERNS = (
     r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)$",
     r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
-    r"ff\.net\.(0\.proj|2)$",
+    r"ff\.net\.0\.proj$",
 )
 
 
@@ -47,8 +55,10 @@ class LoRALayer(nn.Module):
     lora_down: nn.Module
     lora_up: nn.Module
 
-    def _init_lora(self, rank: int, alpha: float, down: nn.Module, up: nn.Module) -> None:
-        self.rank, self.alpha, self.merged = rank, float(alpha), False
+    def _init_lora(self, rank: int, alpha: float, down: nn.Module, up: nn.Module, dropout: float) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}.")
+        self.rank, self.alpha, self.merged, self.lora_dropout = rank, float(alpha), False, float(dropout)
         self.lora_down, self.lora_up = down, up
         nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
         nn.init.zeros_(self.lora_up.weight)
@@ -58,10 +68,12 @@ class LoRALayer(nn.Module):
         return self.alpha / self.rank
 
     def add_lora_branch(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y + scale · up(down(x)); the branch runs in the LoRA weights' dtype (fp32), the sum in y's dtype."""
+        """y + dropout(scale · up(down(x))); the branch runs in the LoRA weights' dtype (fp32), the sum in y's
+        dtype. The dropout acts only in train mode."""
         if self.merged:
             return y
         branch = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+        branch = F.dropout(branch, self.lora_dropout, self.training)
         return y + branch.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -96,12 +108,12 @@ class LoRALayer(nn.Module):
 class LoRALinear(LoRALayer, nn.Linear):
     """An nn.Linear (same weight and bias objects) plus a LoRA branch."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
         device = base.weight.device
         self._init_lora(rank, alpha, nn.Linear(base.in_features, rank, bias=False, device=device),
-                        nn.Linear(rank, base.out_features, bias=False, device=device))
+                        nn.Linear(rank, base.out_features, bias=False, device=device), dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_lora_branch(F.linear(x, self.weight, self.bias), x)
@@ -119,7 +131,7 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
     """An nn.Conv2d (same weight and bias objects) plus a LoRA branch: down is a conv with the base kernel,
     stride and padding into ``rank`` channels, up is a 1×1 conv back to the output channels."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float):
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
         if base.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported.")
         super().__init__(**_conv_args(base), device="meta")
@@ -127,7 +139,7 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         device = base.weight.device
         down_args = {**_conv_args(base), "out_channels": rank, "bias": False}
         self._init_lora(rank, alpha, nn.Conv2d(**down_args, device=device),
-                        nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device))
+                        nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device), dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_lora_branch(self._conv_forward(x, self.weight, self.bias), x)
@@ -153,17 +165,22 @@ def _conv_args(conv: nn.Conv2d) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def inject_lora(model: nn.Module, rank: int = 32, patterns: Iterable[str] = DEFAULT_PATTERNS,
-                alpha: float | None = None) -> list[str]:
+                alpha: float | None = None, dropout: float = 0.0) -> list[str]:
     """Wrap every Linear/Conv2d whose name matches one of ``patterns`` (re.search) in a LoRA layer.
 
     Freezes every parameter of ``model`` (requires_grad False); only the new LoRA weights train.
-    ``alpha`` defaults to ``rank`` (scale 1). Returns the names of the wrapped modules, in model order.
+    ``alpha`` defaults to ``rank`` (scale 1). ``dropout`` acts on the branch's output in train mode (the
+    release trains with 0.1). Returns the names of the wrapped modules, in model order.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
-    if lora_layers(model):
-        raise ValueError("this model already has LoRA layers. To start a fresh LoRA on top of them, call "
-                         "merge_and_unload(model) first.")
+    targets = lora_targets(model, patterns)
+    wrap_modules(model, {name: (rank, rank if alpha is None else alpha) for name in targets}, dropout)
+    return targets
+
+
+def lora_targets(model: nn.Module, patterns: Iterable[str] = DEFAULT_PATTERNS) -> list[str]:
+    """The names of the Linear/Conv2d modules of ``model`` that match ``patterns``, in model order."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     compiled = [re.compile(p) for p in patterns]
     targets = [name for name, module in model.named_modules()
@@ -171,12 +188,19 @@ def inject_lora(model: nn.Module, rank: int = 32, patterns: Iterable[str] = DEFA
     if not targets:
         raise ValueError(f"no Linear or Conv2d module of {type(model).__name__} matches the LoRA patterns "
                          f"{patterns}. Check the module names with model.named_modules().")
+    return targets
+
+
+def wrap_modules(model: nn.Module, settings: dict[str, tuple[int, float]], dropout: float = 0.0) -> None:
+    """Wrap each named module in a LoRA layer of its own (rank, alpha); freeze everything else."""
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers. To start a fresh LoRA on top of them, call "
+                         "merge_and_unload(model) first.")
     model.requires_grad_(False)
-    for name in targets:
+    for name, (rank, alpha) in settings.items():
         base = model.get_submodule(name)
         wrapper = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
-        _replace(model, name, wrapper(base, rank, rank if alpha is None else alpha))
-    return targets
+        _replace(model, name, wrapper(base, rank, alpha, dropout))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -220,12 +244,16 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Saving and loading
+# State dicts and files
 # ----------------------------------------------------------------------------------------------------------
-# File layout: for each wrapped module NAME, "NAME.lora_down.weight", "NAME.lora_up.weight" and a scalar
-# "NAME.alpha" (the kohya convention for alpha), all fp32.
+# In memory, for each wrapped module NAME: "NAME.lora_down.weight", "NAME.lora_up.weight" and a scalar
+# "NAME.alpha" (the kohya convention for alpha), all fp32. On disk: see model/lora_formats.py.
 
-LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+class LoRAFile(NamedTuple):
+    """A LoRA file read for one model: the dotted state dict, the header metadata, the layout found."""
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    layout: LoRALayout
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -238,13 +266,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy LoRA weights into ``model``; if it has no LoRA yet, inject it where ``state`` says, first.
-
-    Every missing, unexpected or wrong-shaped key is reported by name.
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict",
+                         dropout: float = 0.0) -> None:
+    """Copy LoRA weights into ``model``; if it has no LoRA yet, inject it where ``state`` says (with
+    ``dropout``), first. Every missing, unexpected or wrong-shaped key is reported by name.
     """
     if not lora_layers(model):
-        _inject_like(model, state, source)
+        _inject_like(model, state, source, dropout)
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     check_state_dict(state, expected, type(model).__name__, Layout.LORA, source)
     with torch.no_grad():
@@ -256,37 +284,65 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
             layer.alpha = float(state[f"{name}.alpha"])
 
 
-def _inject_like(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Inject LoRA at exactly the modules named in ``state``, with its rank and alpha."""
+def _inject_like(model: nn.Module, state: dict[str, torch.Tensor], source: str, dropout: float) -> None:
+    """Inject LoRA at exactly the modules named in ``state``, each with its own rank and alpha."""
     names = sorted({k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight")})
     if not names:
         raise WeightsError(f"{source} holds no LoRA weights (no keys ending in '.lora_down.weight').")
-    first = names[0]
-    rank = state[f"{first}.lora_down.weight"].shape[0]
-    alpha = float(state[f"{first}.alpha"]) if f"{first}.alpha" in state else rank
     known = dict(model.named_modules())
-    absent = [n for n in names if n not in known]
+    absent = [n for n in names if not isinstance(known.get(n), (nn.Linear, nn.Conv2d))]
     if absent:
         raise WeightsError(f"{source} has LoRA weights for modules that {type(model).__name__} does not have: "
                            f"{', '.join(absent[:8])}. Is it a LoRA for a different model?")
-    inject_lora(model, rank, [f"^{re.escape(n)}$" for n in names], alpha)
+    settings = {}
+    for name in names:
+        rank = state[f"{name}.lora_down.weight"].shape[0]
+        settings[name] = (rank, float(state.get(f"{name}.alpha", rank)))  # no alpha: scale 1
+    wrap_modules(model, settings, dropout)
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the LoRA weights as safetensors (atomically)."""
+def read_lora_file(path: str | os.PathLike, model: nn.Module) -> LoRAFile:
+    """Read a LoRA file of any supported layout into the dotted form for ``model``.
+
+    kohya names are resolved against ``model``'s module names; the release's nameless list is laid over
+    ``model``'s default LoRA targets in the release's traversal order.
+    """
+    contents, metadata = read_lora_contents(path)
+    if isinstance(contents, list):
+        targets = {name: model.get_submodule(name).weight.shape for name in lora_targets(model)}
+        return LoRAFile(from_release_list(contents, targets, str(path)), metadata, LoRALayout.RELEASE)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    state, layout = to_dotted_state(contents, metadata, names, str(path))
+    return LoRAFile(state, metadata, layout)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the LoRA weights of ``model`` as a kohya safetensors file (atomically), with ``metadata``
+    (str→str, e.g. ``lora_metadata(...)`` from model/lora_formats.py) in its header."""
     state = lora_state_dict(model)
     if not state:
         raise ValueError("this model has no LoRA layers to save; call inject_lora(model) first.")
-    save_state_dict(state, path)
+    save_lora_file(state, path, metadata)
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Read a LoRA file written by save_lora into ``model`` (injecting it first if needed).
+def load_lora(model: nn.Module, path: str | os.PathLike, dropout: float = 0.0) -> list[str]:
+    """Read a LoRA file of any supported layout into ``model`` (injecting it first if needed).
 
     Returns the names of the LoRA-wrapped modules.
     """
-    load_lora_state_dict(model, read_state_dict(path), source=str(path))
+    lora = read_lora_file(path, model)
+    load_lora_state_dict(model, lora.state, source=f"{path} ({lora.layout})", dropout=dropout)
     return list(lora_layers(model))
+
+
+def merge_lora_files(model: nn.Module, paths: Iterable[str | os.PathLike]) -> None:
+    """Merge LoRA files into ``model``'s weights one after the other: each was trained on the model with
+    the ones before it merged, as the release's reward LoRA was trained on the SFT one (LongAlign §4)."""
+    if lora_layers(model):
+        raise ValueError("merge_lora_files needs a model without LoRA layers; call merge_and_unload(model) first.")
+    for path in paths:
+        load_lora(model, path)
+        merge_and_unload(model)
 
 
 def stack_loras(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """model/diffusion.py against diffusers' DDIMScheduler and DPMSolverMultistepScheduler (SD-1.5 config), plus
-properties that need no oracle: the FACTS.md §2 schedule values, x0 recovery, and bad input.
+properties that need no oracle: SD-1.5's published schedule values, x0 recovery, and bad input.
 
 Tolerance for the sampler parity tests: max|ours − diffusers| ≤ 1e-5 · max|diffusers|, in float32. Our schedule
 is built in float64 and diffusers' in float32 (they differ by ≤ 1e-6 relative), so bit equality is not expected.
@@ -66,8 +66,9 @@ def quiet_diffusers():
         yield
 
 
-def test_schedule_values_from_facts(schedule):
-    # FACTS.md §2, an independent source: ᾱ_0 = 0.99915 and ᾱ_999 ≈ 0.0046601 (5 significant digits).
+def test_schedule_values_from_the_sd15_release(schedule):
+    # An independent source, the values of SD-1.5's scaled_linear schedule: ᾱ_0 = 0.99915 and ᾱ_999 ≈ 0.0046601
+    # (5 significant digits).
     assert schedule.alphas_cumprod[0].item() == pytest.approx(0.99915, rel=1e-12)
     assert schedule.alphas_cumprod[999].item() == pytest.approx(0.0046601, rel=2e-5)
     reference = diffusers_ddim("leading").alphas_cumprod
@@ -244,7 +245,7 @@ def test_bad_step_counts_are_clear_errors(schedule, bad):
 
 
 def test_step_counts_that_would_leave_the_schedule_are_rejected(schedule):
-    # 1000 leading steps would start at t = 1000 (diffusers issue #10003); 1000 DPM steps would repeat timesteps.
+    # 1000 leading steps would start at t = 1000 (a known diffusers pitfall: GitHub thread 10003); 1000 DPM steps would repeat timesteps.
     with pytest.raises(ValueError, match="between 1 and 999"):
         DDIMSampler(schedule, 1000, "leading")
     with pytest.raises(ValueError, match="between 1 and 999"):

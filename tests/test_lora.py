@@ -1,5 +1,6 @@
 """LoRA: injection is a no-op at init, merge == unmerged forward, unmerge restores, files round-trip,
-fp32 master weights under a half-precision base, the default placement, and stacking two LoRAs into one."""
+fp32 master weights under a half-precision base, the release's placement (224 modules on SD-1.5), dropout in
+train mode only, and stacking two LoRAs into one. Foreign file layouts: tests/test_lora_formats.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from torch import nn
 from model.lora import (LoRAConv2d, LoRALinear, inject_lora, load_lora, load_lora_state_dict, lora_layers,
                         lora_parameters, lora_state_dict, merge_and_unload, merge_lora, save_lora, stack_loras,
                         unmerge_lora)
-from model.weights import WeightsError
+from model.weights import WeightsError, save_state_dict
 
 
 # A miniature with the UNet's attribute names (diffusers keys), small enough to run in milliseconds.
@@ -107,8 +108,7 @@ TOY_LORA_NAMES = [
     "down_blocks.0.resnets.0.conv_shortcut",
     *[f"down_blocks.0.attentions.0.transformer_blocks.0.{attn}.{proj}"
       for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")],
-    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
-    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",  # not ff.net.2: it is outside GEGLU
 ]
 
 
@@ -246,7 +246,7 @@ def test_load_errors_name_the_problem(tmp_path):
 
     fewer_layers = toy_model()
     inject_lora(fewer_layers, rank=4, patterns=[r"attn1\.to_q$"])
-    with pytest.raises(WeightsError, match=r"unexpected 39 keys: .*"):
+    with pytest.raises(WeightsError, match=r"unexpected 36 keys: .*"):
         load_lora(fewer_layers, path)
 
     class Other(nn.Module):
@@ -254,8 +254,11 @@ def test_load_errors_name_the_problem(tmp_path):
             super().__init__()
             self.head = nn.Linear(3, 3)
 
-    with pytest.raises(WeightsError, match="does not have: down_blocks.0"):
+    with pytest.raises(WeightsError, match="does not have: lora_unet_down_blocks_0_"):
         load_lora(Other(), path)
+    save_state_dict(lora_state_dict(model), tmp_path / "dotted.safetensors")  # the older dotted layout
+    with pytest.raises(WeightsError, match=r"does not have: down_blocks\.0\."):
+        load_lora(Other(), tmp_path / "dotted.safetensors")
     with pytest.raises(WeightsError, match="not found"):
         load_lora(toy_model(), tmp_path / "missing.safetensors")
 
@@ -300,22 +303,37 @@ def small_unet(seed=0):
     return UNet2DConditionModel(CONFIGS["test"])
 
 
-def test_default_patterns_on_the_test_unet_hit_resnets_attention_and_ff_only():
-    from model.unet import BasicTransformerBlock, ResnetBlock2D
-    unet = small_unet()
-    # Expected set derived from module types, not names: the Linear/Conv2d layers of every ResNet block
-    # and of every transformer block (attn1, attn2, GEGLU feed-forward).
-    expected = set()
+def release_targets(unet):
+    """The release's placement, from module types: every Linear/Conv2d inside a ResnetBlock2D, an attention
+    module or a GEGLU."""
+    from model.unet import GEGLU, ResnetBlock2D, UNetAttention
+    expected = []
     for name, module in unet.named_modules():
-        if isinstance(module, (ResnetBlock2D, BasicTransformerBlock)):
-            expected |= {f"{name}.{sub}" for sub, m in module.named_modules()
-                         if isinstance(m, (nn.Linear, nn.Conv2d))}
+        if isinstance(module, (ResnetBlock2D, UNetAttention, GEGLU)):
+            expected += [f"{name}.{sub}" for sub, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return expected
+
+
+def test_default_patterns_on_the_test_unet_are_the_release_placement():
+    from model.unet import BasicTransformerBlock
+    unet = small_unet()
+    expected = release_targets(unet)
     names = inject_lora(unet, rank=4)
-    assert set(names) == expected and len(names) == len(expected)
+    assert set(names) == set(expected) and len(names) == len(expected)
     n_transformer_blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
-    assert sum(".transformer_blocks." in n for n in names) == 10 * n_transformer_blocks
-    assert not any(n.endswith(("proj_in", "proj_out", "conv_in", "conv_out")) or "time_embedding" in n
+    assert sum(".transformer_blocks." in n for n in names) == 9 * n_transformer_blocks
+    assert not any(n.endswith(("proj_in", "proj_out", "conv_in", "conv_out", "ff.net.2")) or "time_embedding" in n
                    or "samplers" in n for n in names)
+
+
+def test_sd15_placement_is_224_modules_and_28_291_072_parameters_at_rank_32():
+    from model.unet import CONFIGS, UNet2DConditionModel
+    with torch.device("meta"):  # full size, no memory
+        unet = UNet2DConditionModel(CONFIGS["sd15"])
+    expected = release_targets(unet)
+    names = inject_lora(unet, rank=32)
+    assert len(names) == 224 and set(names) == set(expected)
+    assert sum(p.numel() for p in lora_parameters(unet)) == 28_291_072
 
 
 def test_test_unet_merge_matches_unmerged_and_reloads(tmp_path):
@@ -366,3 +384,43 @@ def test_stacking_loras_of_different_modules_is_refused():
     second = {k: v for k, v in first.items() if not k.startswith("down_blocks.")}
     with pytest.raises(ValueError, match="wrap different modules"):
         stack_loras(first, second)
+
+
+def test_dropout_acts_on_the_branch_output_in_train_mode_only():
+    base = nn.Linear(16, 32)
+    torch.manual_seed(0)
+    layer = LoRALinear(base, rank=4, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora_up.weight)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        plain, branch = base(x), layer.lora_up(layer.lora_down(x))
+        layer.eval()
+        torch.testing.assert_close(layer(x), plain + branch)  # sampling: no dropout
+        layer.train()
+        kept = layer(x) - plain
+    dropped = kept.abs() < 1e-6
+    assert 0.3 < dropped.float().mean() < 0.7  # about half of the branch's outputs are zeroed...
+    torch.testing.assert_close(kept[~dropped], (branch / 0.5)[~dropped])  # ...and the rest scaled by 1/(1-p)
+
+
+def test_dropout_is_an_inject_and_load_argument(tmp_path):
+    model = toy_model()
+    inject_lora(model, rank=4, dropout=0.1)
+    assert {layer.lora_dropout for layer in lora_layers(model).values()} == {0.1}
+    train_a_little(model)
+    save_lora(model, tmp_path / "lora.safetensors")
+    x, t, ctx = toy_inputs()
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x, t, ctx), model(x, t, ctx))  # train mode draws fresh masks
+        model.eval()
+        assert torch.equal(model(x, t, ctx), model(x, t, ctx))
+    fresh = toy_model()
+    load_lora(fresh, tmp_path / "lora.safetensors", dropout=0.2)
+    assert {layer.lora_dropout for layer in lora_layers(fresh).values()} == {0.2}
+    sampling = toy_model()
+    load_lora(sampling, tmp_path / "lora.safetensors")  # no dropout unless asked for
+    assert {layer.lora_dropout for layer in lora_layers(sampling).values()} == {0.0}
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        inject_lora(toy_model(), rank=2, dropout=1.0)
+

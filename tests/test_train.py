@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sample
@@ -79,7 +80,7 @@ def losses(records):
 # SFT
 # ----------------------------------------------------------------------------------------------------------
 
-def test_sft_lora_trains_and_is_loadable(world, tmp_path):
+def test_sft_lora_trains_and_is_loadable(world, tmp_path, capsys):
     records = train.main(tiny_args(world, tmp_path, "sft", "--steps", "3", "--grad-accum", "2"))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(losses(records)))
@@ -87,6 +88,10 @@ def test_sft_lora_trains_and_is_loadable(world, tmp_path):
     assert losses(lines) == losses(records)
 
     lora = load_file(tmp_path / "lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in lora)  # kohya names, which A1111, ComfyUI and diffusers read
+    with safe_open(tmp_path / "lora.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["encoding"], metadata["max_tokens"], metadata["stage"]) == ("segment", "240", "sft")
     ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
     assert ups and all(u.abs().sum() > 0 for u in ups)  # up starts at zero: a nonzero one was trained
 
@@ -100,6 +105,9 @@ def test_sft_lora_trains_and_is_loadable(world, tmp_path):
     sample.main([CAPTION.format(i=0), "--weights", str(world / "pipe"), "--lora", str(tmp_path / "lora.safetensors"),
                  "--steps", "2", "--height", "16", "--width", "16", "--out", str(tmp_path / "sample.png")])
     assert Image.open(tmp_path / "sample.png").size == (16, 16)
+    # The caption fits 77 tokens, where sample.py's auto encoding would pick plain CLIP for an untrained model;
+    # the LoRA file's metadata says it was trained with segment encoding, so that is what sampling uses.
+    assert "encoding: segment" in capsys.readouterr().out
 
 
 def test_sft_full_writes_unet_previews_and_a_loadable_export(world, tmp_path):
