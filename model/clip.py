@@ -340,11 +340,13 @@ def preprocess_tensor(pixels: torch.Tensor, pad_to_square: bool = False, size: i
       ``size``, centre crop.
     - ``pad_to_square=True`` (HPSv2; open_clip's ResizeMaxSize): longest side to ``size``, then zero-pad
       (black, before normalization) to a square, the extra pixel going right / bottom.
-    - ``random_crop=c``: first cut one random c×c window, the same for the whole batch (the official reward
-      stage: 504 of 512, as the authors' release does); ``generator`` makes it reproducible.
+    - ``random_crop=c`` (the reward stage, LongAlign §4): cut one random c×c window, the same for the whole
+      batch (504 of 512 in the authors' release), and resize it straight to size×size, bilinear with
+      antialiasing and no clamp, as the release's torchvision ``Resize((224, 224))`` on a tensor does; the
+      reward's image gradient flows through exactly that. ``generator`` makes the crop reproducible.
 
-    Resizing is bicubic with antialiasing, the filter PIL uses (a = -0.5, widened when shrinking), clamped
-    to [0, 1] as PIL's 8-bit output is.
+    Otherwise resizing is bicubic with antialiasing, the filter PIL uses (a = -0.5, widened when shrinking),
+    clamped to [0, 1] as PIL's 8-bit output is.
     """
     if pixels.dim() != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
         raise ValueError(f"expected float images [batch, 3, H, W] in [0, 1]; got {pixels.dtype} "
@@ -352,7 +354,11 @@ def preprocess_tensor(pixels: torch.Tensor, pad_to_square: bool = False, size: i
     pixels = pixels.float()
     if random_crop is not None:
         pixels = _random_crop(pixels, random_crop, generator)
-    pixels = _fit_longest_and_pad(pixels, size) if pad_to_square else _fit_shortest_and_crop(pixels, size)
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    elif pad_to_square:
+        pixels = _fit_longest_and_pad(pixels, size)
+    else:
+        pixels = _fit_shortest_and_crop(pixels, size)
     mean = pixels.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = pixels.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std

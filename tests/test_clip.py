@@ -219,18 +219,38 @@ def test_tensor_path_is_differentiable_and_batched():
         pixels.grad = None
 
 
-def test_random_crop_is_one_window_then_resize():
+def release_reward_preprocessing(window: torch.Tensor, size: int) -> torch.Tensor:
+    """The authors' release on a crop: torchvision's tensor Resize((size, size)) (bilinear, antialiased, no
+    clamp), then CLIP's mean/std, written out with plain torch ops as the oracle."""
+    resized = torch.nn.functional.interpolate(window, size=(size, size), mode="bilinear", antialias=True)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    return (resized - mean) / std
+
+
+def test_random_crop_is_one_window_then_the_release_resize():
     # The reward stage crops 504 of 512; a smaller picture keeps this search over every window fast.
-    pixels = torch.rand(1, 3, 48, 48)
+    pixels = torch.rand(1, 3, 48, 48) * 1.2 - 0.1  # a VAE decode may leave [0, 1]; the release does not clamp
     out = preprocess_tensor(pixels, size=32, random_crop=44, generator=torch.Generator().manual_seed(7))
     again = preprocess_tensor(pixels, size=32, random_crop=44, generator=torch.Generator().manual_seed(7))
     assert torch.equal(out, again)
-    windows = [(top, left) for top in range(5) for left in range(5)
-               if torch.allclose(out, preprocess_tensor(pixels[..., top:top + 44, left:left + 44], size=32))]
+    windows = [(top, left) for top in range(5) for left in range(5) if torch.allclose(
+        out, release_reward_preprocessing(pixels[..., top:top + 44, left:left + 44], 32), atol=1e-6, rtol=0)]
     assert len(windows) == 1
     others = [preprocess_tensor(pixels, size=32, random_crop=44, generator=torch.Generator().manual_seed(seed))
               for seed in range(8)]
     assert any(not torch.equal(out, other) for other in others)
+
+
+def test_reward_preprocessing_gradient_equals_the_release():
+    pixels = torch.rand(2, 3, 512, 512, requires_grad=True)
+    weights = torch.randn(2, 3, 224, 224)
+    (preprocess_tensor(pixels, random_crop=504, generator=torch.Generator().manual_seed(3)) * weights).sum().backward()
+    ours, pixels.grad = pixels.grad, None
+    generator = torch.Generator().manual_seed(3)  # the same window: top, then left, as the crop draws them
+    top, left = (int(torch.randint(0, 9, (), generator=generator)) for _ in range(2))
+    (release_reward_preprocessing(pixels[..., top:top + 504, left:left + 504], 224) * weights).sum().backward()
+    torch.testing.assert_close(ours, pixels.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_tensor_and_pil_paths_agree():
