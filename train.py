@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import data
@@ -36,6 +37,8 @@ from model.lora import (inject_lora, load_lora_state_dict, lora_state_dict, merg
                         stack_loras)
 from model.lora_formats import lora_metadata, save_lora_file
 from model.preference import KINDS, Scorer, load_direction
+from model.t5 import (ADAPTER_CONFIGS, CLIPT5Encoder, TextAdapter, load_adapter, load_t5, load_t5_tokenizer,
+                      save_adapter)
 from model.tokenizer import load_tokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import posterior_sample
@@ -80,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-dropout", type=float, default=0.1,
                    help="dropout on the LoRA branch in training, as the release (default: %(default)s)")
     g.add_argument("--sft-lora", type=Path, help="reward: the SFT LoRA to merge into the UNet first")
+    g.add_argument("--t5", type=Path, help="the released LongSD's path: a T5 encoder folder (google-t5/t5-large, "
+                                           "with tokenizer.json) whose states, through the adapter, add 240 rows")
+    g.add_argument("--adapter", type=Path, help="with --t5: the TextAdapter folder; sft: its initialisation "
+                                                "(LaVi-Bridge's, default: fresh), reward: the SFT run's adapter/")
 
     g = p.add_argument_group("text")
     g.add_argument("--encoding", default="segment",
@@ -175,6 +182,13 @@ def check_args(args) -> None:
     if args.from_scratch and not args.full:
         raise ValueError("--from-scratch trains a new UNet, which needs --full (a LoRA on random weights "
                          "would learn nothing useful)")
+    if args.stage == "reward" and args.t5 and not args.adapter:
+        raise ValueError("--stage reward with --t5 needs --adapter: the adapter/ folder the SFT run wrote")
+    if args.adapter and not args.t5:
+        raise ValueError("--adapter belongs to the T5 path; pass --t5 T5_FOLDER too, or drop --adapter")
+    if not 0.0 <= args.omega <= 1.0:  # also refuses NaN
+        raise ValueError(f"--omega must be in [0, 1] (0: text-relevant part only, 1: the original score), "
+                         f"got {args.omega}")
     if args.scorer_crop is not None and not 0 < args.scorer_crop <= args.resolution:
         raise ValueError(f"--scorer-crop must be in 1..{args.resolution}, got {args.scorer_crop}")
     runtime.refuse_overwrite(args.out, args.resume)
@@ -211,6 +225,26 @@ def load_unet_to_train(args, env: runtime.Env, text_encoder, vae):
     return unet.train(), sft_lora
 
 
+def load_text_side(args, env: runtime.Env, text_encoder):
+    """The context encoder: LongAlign's segment encoding (§3), and with --t5 the release's 480-row
+    [CLIP | adapter(T5)] context. Returns it and the adapter (None without --t5), trained in SFT only."""
+    # Truncation is the point of the baseline, and a warning per long caption per step would bury the log.
+    warnings.simplefilter("ignore", DroppedTokensWarning)
+    encoder = LongPromptEncoder(load_tokenizer(args.weights), text_encoder, args.max_tokens, args.encoding)
+    if not args.t5:
+        return encoder, None
+    if env.half == torch.float16:
+        raise ValueError("--precision fp16 with --t5: T5 overflows in fp16; use --precision bf16 (the release's)")
+    t5 = load_t5(args.t5, dtype=env.half, device=env.device).requires_grad_(False)
+    if args.adapter:
+        adapter = load_adapter(args.adapter, device=env.device)
+    else:  # a fresh adapter from T5's width to the UNet's context width; the release's sizes at full size
+        adapter = TextAdapter(dataclasses.replace(ADAPTER_CONFIGS["longsd"], in_dim=t5.config.d_model,
+                                                  out_dim=text_encoder.hidden_size)).to(env.device)
+    adapter.train(args.stage == "sft").requires_grad_(args.stage == "sft")  # SFT trains it, dropout active
+    return CLIPT5Encoder(encoder, load_t5_tokenizer(args.t5), t5, adapter), adapter
+
+
 def sft_loss(unet, vae, encoder, schedule: NoiseSchedule, batch: dict, generator, env: runtime.Env):
     """Stage 1: DDPM's ε-prediction MSE on z = scaling · (a VAE posterior sample) of each image, with c the
     segment-level context of its caption through the frozen text encoder (LongAlign §3).
@@ -223,7 +257,7 @@ def sft_loss(unet, vae, encoder, schedule: NoiseSchedule, batch: dict, generator
     with torch.no_grad():
         mean, logvar = vae.encode(images.to(next(vae.parameters()).dtype))
         latents = posterior_sample(mean, logvar, posterior_noise) * vae.scaling_factor
-        context = encoder(batch["caption"])
+    context = encoder(batch["caption"])  # with graph: the T5 path's adapter trains in SFT
     return denoising_loss(unet, schedule, latents, context, noise, timesteps), {}
 
 
@@ -251,16 +285,17 @@ def reward_loss(unet, vae, encoder, scorer: Scorer, direction, batch: dict, args
 
 
 @torch.no_grad()
-def save_preview(unet, vae, encoder, prompts: list[str], args, env: runtime.Env, path: Path) -> None:
-    """Fixed prompts, a fixed seed and sample.py's DDIM, so grids from different steps compare."""
+def save_preview(trained, unet, vae, encoder, prompts: list[str], args, env: runtime.Env, path: Path) -> None:
+    """Fixed prompts, a fixed seed and sample.py's DDIM, so grids from different steps compare; ``trained``
+    (the UNet, or the UNet and the adapter) samples in eval mode, without dropout."""
     shape = vae.latent_shape(len(prompts), args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(env.device)
-    unet.eval()
+    trained.eval()
     with env.autocast():
         latents = sample_loop(unet, DDIMSampler(NoiseSchedule(), args.val_steps), noise, encoder(prompts),
                               encoder([""]), args.cfg, progress=False)
         images = vae.decode((latents / vae.scaling_factor).to(next(vae.parameters()).dtype))
-    unet.train()
+    trained.train()
     runtime.save_image_grid([images], path)
 
 
@@ -270,24 +305,30 @@ def trained_lora(unet, sft_lora: dict | None) -> dict:
     return stack_loras(sft_lora, state) if sft_lora is not None else state
 
 
-def save_outputs(unet, args, sft_lora: dict | None) -> None:
-    """lora.safetensors (and, for reward, lora_reward.safetensors alone), or unet/ with --full.
+def save_outputs(unet, adapter, args, sft_lora: dict | None) -> None:
+    """lora.safetensors (and, for reward, lora_reward.safetensors alone), or unet/ with --full; with --t5 also
+    adapter/ in the release's folder layout, so the run folder is what ``sample.py --longsd`` reads.
 
     The LoRA files use the kohya key names that A1111, ComfyUI and diffusers' load_lora_weights read, and
     record in their metadata how they were trained, so sample.py encodes prompts the same way.
     """
+    if adapter is not None:
+        save_adapter(adapter, args.out / "adapter")
     if args.full:
         save_unet_diffusers(unet, args.out / "unet")
         return
-    metadata = lora_metadata(Path(args.weights).name, args.encoding, args.max_tokens, args.stage, t5=False)
+    metadata = lora_metadata(Path(args.weights).name, args.encoding, args.max_tokens, args.stage, t5=bool(args.t5))
     if sft_lora is not None:
         save_lora_file(lora_state_dict(unet), args.out / "lora_reward.safetensors", metadata)
     save_lora_file(trained_lora(unet, sft_lora), args.out / "lora.safetensors", metadata)
 
 
-def export_pipeline(unet, args, sft_lora: dict | None, folder: Path) -> None:
+def export_pipeline(unet, adapter, args, sft_lora: dict | None, folder: Path) -> None:
     """A complete diffusers pipeline folder, with the trained UNet merged into a fresh fp32 copy of the base
-    (not into the possibly bf16 training copy)."""
+    (not into the possibly bf16 training copy); with --t5 plus adapter/ (``sample.py --weights DIR --longsd
+    DIR --t5 T5`` reads it)."""
+    if adapter is not None:
+        save_adapter(adapter, folder / "adapter")
     if args.full:
         save_unet_diffusers(unet, folder / "unet")
     else:
@@ -298,7 +339,8 @@ def export_pipeline(unet, args, sft_lora: dict | None, folder: Path) -> None:
     save_text_encoder(load_text_encoder(args.weights).text_model, folder / "text_encoder")
     load_tokenizer(args.weights).save_pretrained(folder / "tokenizer")
     write_pipeline_files(folder)
-    write_json(folder / TRAINING_RECORD, {"encoding": args.encoding, "max_tokens": args.max_tokens})
+    write_json(folder / TRAINING_RECORD, {"encoding": args.encoding, "max_tokens": args.max_tokens,
+                                          "t5": args.t5 is not None})
 
 
 def main(argv=None) -> list[dict]:
@@ -316,22 +358,21 @@ def main(argv=None) -> list[dict]:
         val_prompts = (data.PromptDataset(args.val_prompts).prompts[:args.num_val] if args.val_prompts
                        else data.validation_prompts(args.data, dataset, args.num_val))
 
-        # The frozen parts: tokenizer, text encoder and VAE in the autocast dtype; the scorer for reward.
-        tokenizer = load_tokenizer(args.weights)
+        # The frozen parts: text encoder and VAE in the autocast dtype (and T5), the scorer for reward.
         text_encoder = load_text_encoder(args.weights, dtype=env.half, device=env.device).eval().requires_grad_(False)
         vae = load_vae(args.weights, dtype=env.half, device=env.device).eval().requires_grad_(False)
         unet, sft_lora = load_unet_to_train(args, env, text_encoder, vae)
-        # Truncation is the point of the baseline, and a warning per long caption per step would bury the log.
-        warnings.simplefilter("ignore", DroppedTokensWarning)
-        encoder = LongPromptEncoder(tokenizer, text_encoder, args.max_tokens, args.encoding)
+        encoder, adapter = load_text_side(args, env, text_encoder)
         scorer, direction = None, None
         if args.stage == "reward":
             scorer = Scorer.load(args.scorer, kind=args.scorer_kind, dtype=env.half, device=env.device)
             direction = load_direction(args.direction, scorer.embed_dim) if args.direction else None
 
         signature = {"stage": args.stage, "data": str(args.data), "seed": args.seed, "grad_accum": args.grad_accum,
-                     "global_batch": args.batch_size * env.world, "full": args.full, "lora_rank": args.lora_rank}
-        state = runtime.start_training(unet, args, signature, env)
+                     "global_batch": args.batch_size * env.world, "full": args.full, "lora_rank": args.lora_rank,
+                     "t5": args.t5 is not None}
+        trained = nn.ModuleDict({"unet": unet, "adapter": adapter}) if args.stage == "sft" and adapter else unet
+        state = runtime.start_training(trained, args, signature, env)
     except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -370,11 +411,11 @@ def main(argv=None) -> list[dict]:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if args.sample_every and state.step % args.sample_every == 0:
                     with runtime.ema_weights(state):
-                        save_preview(unet, vae, encoder, val_prompts, args, env,
+                        save_preview(trained, unet, vae, encoder, val_prompts, args, env,
                                      args.out / "samples" / f"step_{state.step:06d}.png")
                 if state.step % args.save_every == 0 or state.step == args.steps or stop_now:
                     with runtime.ema_weights(state):
-                        save_outputs(unet, args, sft_lora)
+                        save_outputs(unet, adapter, args, sft_lora)
                     runtime.save_checkpoint(state, args.out)
             if stop_now:
                 if env.main:
@@ -383,7 +424,7 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit(stop.exit_code())
         if args.export and env.main:
             with runtime.ema_weights(state):
-                export_pipeline(unet, args, sft_lora, args.export)
+                export_pipeline(unet, adapter, args, sft_lora, args.export)
             print(f"exported to {args.export}")
     except runtime.Diverged as err:
         print(f"error: {err}; stopping. The last good checkpoint, if any, is kept in {args.out}", file=sys.stderr)

@@ -15,7 +15,7 @@ those steps in fp16/bf16 would add avoidable error. Steps are plain out-of-place
 reward stage can backpropagate through them.
 
 Sampling with a UNet: `sample_loop(unet, sampler, latents, cond, uncond, scale)`, where `sampler` is a
-`DDIMSampler` or a `DPMSolverSampler` and `unet(x, t, context) -> eps`.
+`DDIMSampler`, a `DPMSolverSampler` or a `UniPCSampler` and `unet(x, t, context) -> eps`.
 """
 import math
 
@@ -221,6 +221,99 @@ class DPMSolverSampler:
         self._previous_x0 = x0
         self._next_index = i + 1
         return (x_scale * _upcast(x) + d_scale * d).to(x.dtype)
+
+
+class UniPCSampler:
+    """UniPC-2, "bh2", on the data (x0) prediction (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector
+    Framework for Fast Sampling of Diffusion Models", §3, in the data-prediction form of its appendix).
+
+    This matches diffusers' ``UniPCMultistepScheduler.from_config(<SD-1.5 scheduler config>)``: solver order
+    2, B(h) = e^{−h} − 1 ("bh2"), "linspace" timesteps (25 steps give 999, 959, …, 40: the rule of
+    :func:`dpm_solver_timesteps`), first order on the first step and on the last one, which goes to σ = 0
+    (final_sigmas_type "zero"). Each step re-uses the UNet call it is given twice: to correct the point it is
+    at (UniC), then to predict the next one (UniP); so UniPC costs no more UNet calls than DDIM.
+
+    Every update has the form x_target = a·x_source + c·D, with h = λ_target − λ_source,
+    a = σ_target/σ_source and c = −α_target·(e^{−h} − 1) (the DDIM / DPM-Solver++ first-order step when D is
+    the source's x0), and D a weighted sum of recent x0 predictions, written for order p ≤ 2 below:
+
+        UniP at step i (from t_i to t_{i+1}):
+            p = 1:  D = x0_i
+            p = 2:  D = x0_i + ½·(x0_{i−1} − x0_i)/r,   r = (λ_{i−1} − λ_i)/h          (= DPM-Solver++(2M))
+        UniC at step i (redo the step t_{i−1} -> t_i from the corrected x_{i−1}, with x0_i as one more point;
+        p is the order UniP used for that step):
+            p = 1:  D = x0_{i−1} + ½·(x0_i − x0_{i−1})
+            p = 2:  D = x0_{i−1} + ρ1·(x0_{i−2} − x0_{i−1})/r + ρ2·(x0_i − x0_{i−1}),  r = (λ_{i−2} − λ_{i−1})/h
+                    where [[1, 1], [r, 1]]·(ρ1, ρ2) = (b1, b2),  b_k = k!·(−h)·φ_{k+1}(−h)/B(h),
+                    φ_1(z) = (e^z − 1)/z,  φ_{k+1}(z) = (φ_k(z) − 1/k!)/z
+
+    x0_i comes from the UNet's ε at the uncorrected x_i, as in the paper and diffusers. Steps must be taken in
+    order 0, 1, …, n − 1; step 0 starts a fresh run. The coefficients are Python floats from the float64
+    schedule; the tensor maths runs in at least float32.
+    """
+
+    def __init__(self, schedule, num_steps):
+        self.schedule = schedule
+        self.timesteps = dpm_solver_timesteps(num_steps, schedule.num_train_timesteps)
+        n = num_steps
+        alphas = [schedule.sqrt_alphas_cumprod[t].item() for t in self.timesteps] + [1.0]
+        sigmas = [schedule.sqrt_one_minus_alphas_cumprod[t].item() for t in self.timesteps] + [0.0]
+        lambdas = [math.log(a / s) for a, s in zip(alphas[:-1], sigmas[:-1])] + [math.inf]
+        h = [lambdas[j + 1] - lambdas[j] for j in range(n)]  # step j goes t_j -> t_{j+1}; the last h is +∞
+        # (a, c) of each step; the last has σ_target = 0 and e^{−∞} = 0, so it lands on D itself.
+        self._moves = [(sigmas[j + 1] / sigmas[j], -alphas[j + 1] * math.expm1(-h[j])) for j in range(n)]
+        # warm-up (no older x0 on step 0) and lower_order_final (first order on the last step)
+        self._orders = [min(2, j + 1, n - j) for j in range(n)]
+        self._predictor_weights = [(1.0,) if self._orders[j] == 1 else _unip2_weights(-h[j - 1] / h[j])
+                                   for j in range(n)]
+        self._corrector_weights = [None] + [(0.5, 0.5) if self._orders[j - 1] == 1
+                                            else _unic2_weights(-h[j - 2] / h[j - 1], h[j - 1])
+                                            for j in range(1, n)]
+        self._x0s, self._last_x, self._next_index = [], None, 0
+
+    def step(self, eps, i, x):
+        """x_{t_i} -> x_{t_{i+1}}: correct x with the new x0_i (UniC, from step 1 on), then predict (UniP).
+
+        Returns x's dtype.
+        """
+        t = _check_step_index(i, self.timesteps)
+        dtype = x.dtype
+        if i == 0:
+            self._x0s, self._last_x = [], None
+        elif i != self._next_index:
+            raise ValueError(f"UniPC steps must be taken in order: expected step {self._next_index}, got {i}; "
+                             "restart from step 0 for a new sample")
+        x0 = self.schedule.predict_x0(_upcast(x), eps, t)
+        self._x0s = (self._x0s + [x0])[-3:]  # UniC-2 needs x0_{i−2}, x0_{i−1} and x0_i
+        x = _upcast(x)
+        if i > 0:
+            x = self._move(i - 1, self._last_x, self._corrector_weights[i])
+        self._last_x = x
+        self._next_index = i + 1
+        return self._move(i, x, self._predictor_weights[i]).to(dtype)
+
+    def _move(self, j, x, weights):
+        """a_j·x + c_j·D with D = Σ weights·(the last len(weights) x0 predictions, oldest first)."""
+        a, c = self._moves[j]
+        d = sum(w * x0 for w, x0 in zip(weights, self._x0s[-len(weights):]))
+        return a * x + c * d
+
+
+def _unip2_weights(r):
+    """UniP-2's D = x0_i + ½·(x0_{i−1} − x0_i)/r as weights on (x0_{i−1}, x0_i)."""
+    return 0.5 / r, 1.0 - 0.5 / r
+
+
+def _unic2_weights(r, h):
+    """UniC-2's D as weights on (x0_{i−2}, x0_{i−1}, x0_i); see UniPCSampler for the formula."""
+    z = -h
+    b_h = math.expm1(z)  # B(h) of "bh2"
+    z_phi2 = math.expm1(z) / z - 1.0  # z·φ_2(z)
+    z_phi3 = z_phi2 / z - 0.5  # z·φ_3(z)
+    b1, b2 = z_phi2 / b_h, 2.0 * z_phi3 / b_h
+    rho1 = (b1 - b2) / (1.0 - r)
+    rho2 = b1 - rho1
+    return rho1 / r, 1.0 - rho1 / r - rho2, rho2
 
 
 def guided_eps(unet, x, t, cond, uncond, scale):
