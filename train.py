@@ -111,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights; the outputs then "
                                                           "hold the EMA weights (default: 0, off)")
     g.add_argument("--precision", choices=["auto", *runtime.PRECISIONS], default="auto",
-                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU; trained weights always stay fp32")
+                   help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU (bf16 works there too, fp16 needs CUDA); "
+                        "trained weights always stay fp32")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute UNet (and, for reward, VAE) blocks in backward to save memory (default: on "
                         "for reward, whose 512² VAE decode with gradient needs it; off for sft)")
@@ -380,6 +381,10 @@ def main(argv=None) -> list[dict]:
         print(f"{args.stage}: {sum(p.numel() for p in state.params):,} trained parameters, {len(dataset):,} "
               f"examples, {env.world} × {args.batch_size} × {args.grad_accum} per step, {env.device}, "
               f"{env.half or torch.float32}")
+        if args.warmup > args.steps:  # the official 2000 warm-up steps would leave a short run at a tiny rate
+            last = args.lr * runtime.learning_rate_factor(args.steps - 1, args.warmup, args.decay_from, args.steps)
+            print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}, so the learning rate ends at "
+                  f"{last:.3g}, not --lr {args.lr:g}; pass a smaller --warmup to reach it", file=sys.stderr)
 
     schedule, records, stop = NoiseSchedule(), [], runtime.StopRequest()
     batches = runtime.endless_batches(dataset, state.position, args.batch_size, args.seed, args.workers, env)

@@ -62,7 +62,8 @@ class Env:
 def setup_env(device: str | None, precision: str) -> Env:
     """Join the process group that torchrun describes in the environment (NCCL on CUDA, gloo on CPU).
 
-    ``precision`` is "auto" (bf16 on CUDA, fp32 on the CPU) or a key of PRECISIONS.
+    ``precision`` is "auto" (bf16 on CUDA, fp32 on the CPU) or a key of PRECISIONS; bf16 runs on the CPU too,
+    which exercises the mixed-precision paths of a GPU run (fp32 LoRA masters on a bf16 base).
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if device:
@@ -77,8 +78,8 @@ def setup_env(device: str | None, precision: str) -> Env:
         torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"--precision {precision} needs CUDA; on the CPU training runs in fp32")
+    if precision == "fp16" and device.type != "cuda":  # CPU autocast has bf16; fp16 there is slow and lossy
+        raise ValueError("--precision fp16 needs CUDA; on the CPU use --precision bf16 or fp32")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Env(rank, world, device, PRECISIONS[precision])

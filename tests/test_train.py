@@ -377,3 +377,22 @@ def test_help_shows_the_stage_defaults(capsys, monkeypatch):
         train.main(["--help"])
     out = capsys.readouterr().out
     assert "optimizer steps; default: 10000 for sft, 3750 for reward" in out and re.search(r"--lr LR +default: 3e-05", out)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_a_bf16_step_runs_on_the_cpu(world, tmp_path, stage):
+    """bf16 autocast on the CPU takes the mixed-precision path of a GPU run: a bf16 base with fp32 LoRA masters,
+    the score path with an fp32 V, the VAE decode in bf16."""
+    extra = ["--steps", "1", "--precision", "bf16"]
+    if stage == "reward":
+        train.main(tiny_args(world, tmp_path / "sft", "sft", "--steps", "1"))
+        extra += ["--sft-lora", str(tmp_path / "sft" / "lora.safetensors")]
+    records = train.main(tiny_args(world, tmp_path / "run", stage, *extra))
+    assert all(np.isfinite(losses(records))) and records[0]["grad_norm"] > 0
+    lora = load_file(tmp_path / "run" / "lora.safetensors")
+    assert all(v.dtype == torch.float32 for v in lora.values())  # the trained masters stay fp32
+
+
+def test_a_warmup_longer_than_the_run_is_said(world, tmp_path, capsys):
+    train.main(tiny_args(world, tmp_path, "sft", "--steps", "1", "--warmup", "2000"))
+    assert "--warmup 2000 is longer than --steps 1, so the learning rate ends at 5e-07" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_t5_sft_resumes_exactly(world, tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--precision", "fp16"], "needs CUDA"),
+    (["--precision", "fp16"], "fp16 needs CUDA"),
     (["--omega", "nan"], "--omega must be in [0, 1]"),
 ])
 def test_bad_t5_settings_give_one_line(world, tmp_path, capsys, flags, expected):
