@@ -17,8 +17,11 @@ the environment variable ``LONGALIGN_KERNELS``:
   check kernel against twin without a GPU.
 * ``torch``: always the twin.
 
+The kernels take float32, float16 and bfloat16 tensors; in auto mode anything else (and anything needing a
+gradient the kernel does not give) goes to the twin.
+
 Triton is imported behind a guard so this module stays importable without it;
-kernels are only defined when the import succeeded.
+kernels are only defined when the import succeeded (and are None otherwise).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ except ImportError:  # e.g. macOS, or a CPU-only install without Triton
 
 HAVE_TRITON = triton is not None
 KERNELS_ENV = "LONGALIGN_KERNELS"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "triton", "torch")
 
 
@@ -61,6 +65,28 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 f"or set {KERNELS_ENV}=torch (or auto).")
         return True
     return HAVE_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _check_kernel_launch(kernel, *tensors: torch.Tensor) -> None:
+    """A one-line error naming the fix, where launching ``kernel`` on ``tensors`` would fail obscurely."""
+    if not HAVE_TRITON:
+        raise ValueError(f"Triton is not installed; install triton or set {KERNELS_ENV}=torch.")
+    for tensor in tensors:
+        if tensor.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"the Triton kernels take float32, float16 or bfloat16 tensors, got {tensor.dtype}; "
+                             f"set {KERNELS_ENV}=torch (or auto) to use the PyTorch twins.")
+    # triton.jit makes a compiled JITFunction, or under TRITON_INTERPRET=1 an interpreted kernel that runs on any
+    # machine. Triton's own message for a compiled one on a CPU-only machine, "0 active drivers", names no fix.
+    if isinstance(kernel, triton.runtime.JITFunction) and not all(t.is_cuda for t in tensors):
+        found = "a GPU was found" if torch.cuda.is_available() else "no GPU was found"
+        raise ValueError(f"the compiled Triton kernels need CUDA tensors, got {tensors[0].device} ones and {found}: "
+                         f"set TRITON_INTERPRET=1 to run them in Triton's interpreter, or {KERNELS_ENV}=torch "
+                         f"for the PyTorch twins.")
+
+
+def _index(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Index data as the kernels read it: int32 and contiguous (``.to`` keeps the strides of a strided view)."""
+    return values.to(device=device, dtype=torch.int32).contiguous()
 
 
 # ==== Segment concatenation (LongAlign §3) ====
@@ -157,6 +183,8 @@ if HAVE_TRITON:
         out_row = prompt.to(tl.int64) * max_tokens + t
         tl.store(out_ptr + out_row[:, None] * dim + d[None, :], tile,
                  mask=row_ok[:, None] & col_ok[None, :])
+else:
+    _concat_segments_kernel = None  # never launched: the wrapper's check says that Triton is missing
 
 
 def concat_segments_triton(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
@@ -168,20 +196,20 @@ def concat_segments_triton(hidden: torch.Tensor, kept_start: torch.Tensor, kept_
     read from its source (or from <pad*>) and written exactly once.
     """
     _check_concat_inputs(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
+    _check_kernel_launch(_concat_segments_kernel, hidden)
     n_prompts = segments_per_prompt.shape[0]
     dim, block_len = hidden.shape[2], hidden.shape[1]
     out = torch.empty(n_prompts, max_tokens, dim, dtype=hidden.dtype, device=hidden.device)
     if n_prompts == 0:
         return out
-    index = dict(dtype=torch.int32, device=hidden.device)
-    counts = segments_per_prompt.to(**index)
+    counts = _index(segments_per_prompt, hidden.device)
     first_segment = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     block_t, block_d = 16, 256
     grid = (n_prompts, triton.cdiv(max_tokens, block_t), triton.cdiv(dim, block_d))
     _concat_segments_kernel[grid](
-        hidden.contiguous(), kept_start.to(**index), kept_len.to(**index), first_segment, counts,
-        pad.to(hidden.dtype).contiguous(), out, max_tokens, dim, block_len,
-        BLOCK_T=block_t, BLOCK_D=block_d)
+        hidden.contiguous(), _index(kept_start, hidden.device), _index(kept_len, hidden.device), first_segment,
+        counts, pad.to(hidden.dtype).contiguous(), out, max_tokens, dim, block_len,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -192,10 +220,11 @@ def concat_segments(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: to
 
     Runs the Triton kernel when :func:`use_triton` says so, else the twin. The
     kernel has no backward, so when gradients must flow into ``hidden`` or
-    ``pad`` the twin runs.
+    ``pad`` the twin runs; so it does in auto mode for a dtype the kernel lacks.
     """
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or pad.requires_grad)
-    if not needs_grad and use_triton(hidden, pad):
+    fits = hidden.dtype in KERNEL_DTYPES or kernel_mode() == "triton"  # forced: the kernel says what it lacks
+    if not needs_grad and fits and use_triton(hidden, pad):
         return concat_segments_triton(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
     return concat_segments_torch(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
 
@@ -247,6 +276,7 @@ def score_projection_torch(image_embeddings: torch.Tensor, segment_embeddings: t
     Only ``score`` keeps its autograd graph; gradients flow to every input that requires them.
     Computes in float32 (float64 stays float64).
     """
+    _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
     dtype = torch.promote_types(image_embeddings.dtype, torch.float32)
     image_unit = F.normalize(image_embeddings.to(dtype), dim=-1)
     text = segment_text_embedding(segment_embeddings.to(dtype), segment_mask)
@@ -260,6 +290,7 @@ def score_projection_torch(image_embeddings: torch.Tensor, segment_embeddings: t
 
 
 def _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega) -> None:
+    """Raise a clear ValueError for shapes that do not fit together (the kernel would read past a tensor)."""
     if image_embeddings.dim() != 2:
         raise ValueError(f"image embeddings must be [B, P]; got shape {tuple(image_embeddings.shape)}.")
     batch, width = image_embeddings.shape
@@ -288,10 +319,13 @@ def score_projection(image_embeddings: torch.Tensor, segment_embeddings: torch.T
     score's gradient, ω = 0 the text-relevant part's. "ω = 0 removes the pull along V" holds for the
     gradient with respect to C_X, where the score is linear (∂score/∂C_X = T', and T'·V = ω·η); at the raw
     x the normalization's Jacobian (I − C_X C_Xᵀ)/|x| mixes directions. Runs the Triton kernel or the
-    twin (see :func:`use_triton`).
+    twin (see :func:`use_triton`); in auto mode the twin also takes what the kernel cannot do: a text side
+    that needs a gradient, or a dtype outside ``KERNEL_DTYPES``.
     """
-    _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
-    if use_triton(image_embeddings, segment_embeddings, segment_mask, direction):
+    text_grad = torch.is_grad_enabled() and (segment_embeddings.requires_grad or direction.requires_grad)
+    fits = not text_grad and {image_embeddings.dtype, segment_embeddings.dtype} <= set(KERNEL_DTYPES)
+    fits = fits or kernel_mode() == "triton"  # forced: the kernel says what it cannot do
+    if fits and use_triton(image_embeddings, segment_embeddings, segment_mask, direction):
         return score_projection_triton(image_embeddings, segment_embeddings, segment_mask, direction, omega)
     return score_projection_torch(image_embeddings, segment_embeddings, segment_mask, direction, omega)
 
@@ -302,7 +336,7 @@ if HAVE_TRITON:
                                  batch, segments, width, omega,
                                  NEED_GRAD: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program per prompt: read x [P], its S segments [S, P] and V once; write 5 scores (and ∂score/∂x)."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # int64: (row·S + s)·P passes 2³¹ for a long batch of wide rows
         cols = tl.arange(0, BLOCK_P)
         inside = cols < width
         eps = 1e-12  # as F.normalize: divide by max(|v|, eps)
@@ -316,12 +350,10 @@ if HAVE_TRITON:
         text = tl.zeros([BLOCK_P], dtype=tl.float32)
         count = 0.0
         for s in range(segments):
-            keep = tl.load(mask_ptr + row * segments + s)  # 0 or 1
-            # a masked-out segment loads nothing (its valid width is 0), so it costs no memory traffic
-            t = tl.load(text_ptr + (row * segments + s) * width + cols, mask=cols < keep * width, other=0.0)
-            t = t.to(tl.float32)
-            text += t / tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), eps)
-            count += keep.to(tl.float32)
+            if tl.load(mask_ptr + row * segments + s) != 0:  # a padding slot costs no reads and no maths
+                t = tl.load(text_ptr + (row * segments + s) * width + cols, mask=inside, other=0.0).to(tl.float32)
+                text += t / tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), eps)
+                count += 1.0
         text = text / count  # C_P, the un-renormalized segment mean
 
         eta = tl.sum(text * v, axis=0)
@@ -340,6 +372,23 @@ if HAVE_TRITON:
         if NEED_GRAD:
             # ∂(C_X·T')/∂x = (I − C_X C_Xᵀ) T' / |x| = (T' − score·C_X) / |x|
             tl.store(grad_ptr + row * width + cols, (text_omega - score * image_unit) / x_norm, mask=inside)
+else:
+    _score_projection_kernel = None  # never launched: the wrapper's check says that Triton is missing
+
+
+def _launch_score_kernel(image, text, mask, direction, omega, need_grad):
+    """Five separate [B] float32 scores, and ∂score/∂x [B, P] when ``need_grad`` (else None)."""
+    batch, segments, width = text.shape
+    scores = torch.empty(5, batch, device=image.device, dtype=torch.float32)
+    grad = torch.empty(batch, width, device=image.device, dtype=torch.float32) if need_grad else None
+    _score_projection_kernel[(batch,)](
+        image.contiguous(), text.contiguous(), _index(mask != 0, image.device),
+        direction.to(image.device, torch.float32).contiguous(), scores,
+        scores if grad is None else grad,  # without NEED_GRAD the kernel writes no gradient: any pointer will do
+        batch, segments, width, float(omega),
+        NEED_GRAD=need_grad, BLOCK_P=triton.next_power_of_2(width), num_warps=4)
+    # clones, not views of one buffer: an in-place change to one output then cannot affect another's autograd
+    return [part.clone() for part in scores], grad
 
 
 class _ScoreProjectionFunction(torch.autograd.Function):
@@ -347,24 +396,18 @@ class _ScoreProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_embeddings, segment_embeddings, segment_mask, direction, omega):
-        batch, segments, width = segment_embeddings.shape
-        device = image_embeddings.device
-        scores = torch.empty(5, batch, device=device, dtype=torch.float32)
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty(batch, width, device=device, dtype=torch.float32) if need_grad else scores
-        _score_projection_kernel[(batch,)](
-            image_embeddings.contiguous(), segment_embeddings.contiguous(),
-            (segment_mask != 0).to(torch.int32).contiguous(), direction.contiguous(), scores, grad,
-            batch, segments, width, float(omega),
-            NEED_GRAD=need_grad, BLOCK_P=triton.next_power_of_2(width))
+        parts, grad = _launch_score_kernel(image_embeddings, segment_embeddings, segment_mask, direction, omega,
+                                           need_grad=True)
         ctx.image_dtype = image_embeddings.dtype
-        ctx.save_for_backward(grad if need_grad else None)
-        outputs = tuple(scores.unbind(0))
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(*parts[1:])
+        return tuple(parts)
 
     @staticmethod
     def backward(ctx, grad_score, *_reported_values):
+        if torch.is_grad_enabled():  # create_graph=True: this gradient would be differentiated again
+            raise RuntimeError("double backward is not supported by the fused score-projection kernel (its "
+                               f"gradient is a saved constant); set {KERNELS_ENV}=torch to use the twin.")
         (grad,) = ctx.saved_tensors
         grad_image = (grad_score[:, None] * grad).to(ctx.image_dtype)
         return grad_image, None, None, None, None
@@ -375,14 +418,19 @@ def score_projection_triton(image_embeddings: torch.Tensor, segment_embeddings: 
     """The fused kernel behind :func:`score_projection`: same values and image gradient as the twin.
 
     One pass reads each row's image embedding, its segments and V once, and computes the normalizations,
-    the segment mean, η, the scores and ∂score/∂x (computed in float32). Text embeddings come from a
-    frozen scorer, so no gradient flows to them or to V: passing text that requires grad is an error
-    (use :func:`score_projection_torch` if you really need that gradient).
+    the segment mean, η, the scores and ∂score/∂x (computed in float32; only when a gradient is wanted).
+    Text embeddings come from a frozen scorer, so no gradient flows to them or to V: passing text that
+    requires grad is an error (use :func:`score_projection_torch` if you really need that gradient).
     """
-    if not HAVE_TRITON:
-        raise RuntimeError(f"Triton is not installed; use score_projection_torch or set {KERNELS_ENV}=torch.")
-    if segment_embeddings.requires_grad or direction.requires_grad:
+    _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
+    _check_kernel_launch(_score_projection_kernel, image_embeddings, segment_embeddings)
+    if torch.is_grad_enabled() and (segment_embeddings.requires_grad or direction.requires_grad):
         raise ValueError("the score-projection kernel gives no gradient to the text side (the scorer is frozen): "
                          "detach the segment embeddings and the direction, or use score_projection_torch.")
-    return ScoreParts(*_ScoreProjectionFunction.apply(
-        image_embeddings, segment_embeddings, segment_mask, direction, omega))
+    # One input dtype (lossless, as the kernel computes in float32), so one compiled variant per dtype.
+    dtype = torch.promote_types(image_embeddings.dtype, segment_embeddings.dtype)
+    image, text = image_embeddings.to(dtype), segment_embeddings.to(dtype)
+    if torch.is_grad_enabled() and image.requires_grad:
+        return ScoreParts(*_ScoreProjectionFunction.apply(image, text, segment_mask, direction, omega))
+    parts, _ = _launch_score_kernel(image, text, segment_mask, direction, omega, need_grad=False)
+    return ScoreParts(*parts)

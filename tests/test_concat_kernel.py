@@ -1,4 +1,9 @@
 """The segment-concatenation Triton kernel against its PyTorch twin (TRITON_INTERPRET=1 on CPU)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +11,7 @@ from model import kernels
 from model.kernels import concat_segments, concat_segments_torch, concat_segments_triton
 
 BLOCK = 77
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_layout(runs_per_prompt, dim, dtype=torch.float32, seed=0):
@@ -109,3 +115,51 @@ def test_bad_layouts_get_clear_errors(fn, change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         fn(**args)
+
+
+def test_strided_int32_kept_runs_are_read_as_values():
+    """Columns of an int32 [S, 2] table are strided views; the kernel must see their values, not their memory."""
+    kept = torch.tensor([[0, 5], [2, 7], [1, 3]], dtype=torch.int32)
+    hidden, _, _, counts, pad = random_layout([[(0, 5), (2, 7)], [(1, 3)]], dim=12)
+    expected = concat_segments_torch(hidden, kept[:, 0], kept[:, 1], counts, pad, 16)
+    assert torch.equal(concat_segments_triton(hidden, kept[:, 0], kept[:, 1], counts, pad, 16), expected)
+
+
+def test_strided_int32_segment_counts_are_read_as_values():
+    hidden, kept_start, kept_len, _, pad = random_layout([[(0, 5), (2, 7)], [(1, 3)]], dim=12)
+    counts = torch.tensor([[2, 40], [1, 50]], dtype=torch.int32)[:, 0]  # every other int32 of the table
+    expected = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 16)
+    assert torch.equal(concat_segments_triton(hidden, kept_start, kept_len, counts, pad, 16), expected)
+
+
+def test_float64_takes_the_twin_in_auto_mode_and_is_refused_by_the_kernel(monkeypatch):
+    hidden, kept_start, kept_len, counts, pad = random_layout([[(0, 4)]], dim=8, dtype=torch.float64)
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)  # as on a GPU in auto mode
+    expected = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 10)
+    assert torch.equal(concat_segments(hidden, kept_start, kept_len, counts, pad, 10), expected)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16.*LONGALIGN_KERNELS=torch"):
+        concat_segments_triton(hidden, kept_start, kept_len, counts, pad, 10)
+
+
+def test_triton_mode_without_a_gpu_or_the_interpreter_names_the_fix():
+    """Without TRITON_INTERPRET the kernels are compiled for a GPU; on a CPU-only machine say how to run anyway."""
+    program = (
+        "import torch\n"
+        "from model.kernels import concat_segments, score_projection\n"
+        "calls = [lambda: concat_segments(torch.zeros(1, 77, 4), torch.tensor([0]), torch.tensor([3]),\n"
+        "                                 torch.tensor([1]), torch.zeros(4), 8),\n"
+        "         lambda: score_projection(torch.ones(1, 4), torch.ones(1, 1, 4), torch.ones(1, 1), torch.ones(4))]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as error:\n"
+        "        print(error)\n")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(LONGALIGN_KERNELS="triton", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        assert "TRITON_INTERPRET=1" in line and "LONGALIGN_KERNELS=torch" in line

@@ -5,7 +5,9 @@ The kernel runs under TRITON_INTERPRET=1 (set in conftest.py), so these tests ne
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from model import kernels
 from model.kernels import (ScoreParts, reweighted_text, score_projection, score_projection_torch,
                            score_projection_triton, segment_text_embedding)
 
@@ -169,7 +171,93 @@ def test_dispatcher_follows_the_environment(monkeypatch):
     (lambda i, t, m, v: (i, t, m[:, :1], v), "segment mask must be"),
     (lambda i, t, m, v: (i[0], t, m, v), "image embeddings must be"),
 ])
-def test_bad_inputs_get_clear_errors(change, message):
+@pytest.mark.parametrize("fn", [score_projection, score_projection_torch, score_projection_triton])
+def test_bad_inputs_get_clear_errors(fn, change, message):
+    """The kernel checks as the twin does: a wrong shape would otherwise read past the end of a tensor."""
     inputs = change(*random_inputs(2, 3, 8, 13))
     with pytest.raises(ValueError, match=message):
-        score_projection(*inputs, 0.3)
+        fn(*inputs, 0.3)
+
+
+def test_offsets_past_two_to_the_31_elements():
+    """Row 1's last segment starts (1·1025 + 1024)·2²⁰ > 2³¹ elements in: an int32 offset would wrap.
+
+    ``torch.empty`` only reserves address space, and the kernel skips masked-out segments, so the 8 GiB storage
+    costs a few MiB of real memory. The text starts 2³¹ elements into it: a wrapped offset then reads (zeros)
+    from inside our own allocation instead of crashing the test.
+    """
+    batch, segments, width = 2, 1025, 2 ** 20
+    try:
+        storage = torch.empty(2 ** 31 + batch * segments * width, dtype=torch.float16)
+    except RuntimeError as refused:  # a machine that will not overcommit memory
+        pytest.skip(f"cannot reserve 8 GiB of address space here: {refused}")
+    text = storage[2 ** 31:].view(batch, segments, width)
+    small_image, small_text, _, direction = random_inputs(batch, 1, width, 14, dtype=torch.float16)
+    text[0, 0], text[1, -1] = small_text[0, 0], small_text[1, 0]
+    mask = torch.zeros(batch, segments, dtype=torch.bool)
+    mask[0, 0] = mask[1, -1] = True
+    fused = score_projection_triton(small_image, text, mask, direction, 0.3)
+    twin = score_projection_torch(small_image, small_text, torch.ones(batch, 1, dtype=torch.bool), direction, 0.3)
+    for name in ScoreParts._fields:
+        torch.testing.assert_close(getattr(fused, name), getattr(twin, name), atol=1e-4, rtol=1e-3, msg=name)
+
+
+class FloatMatrices(TorchFunctionMode):
+    """Records the shape of every float32 matrix a torch call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.dim() == 2:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_no_grad_computes_no_image_gradient():
+    image, text, mask, direction = (t.half() for t in random_inputs(3, 2, 40, 15))
+    image.requires_grad_(True)
+    for grad_enabled, made in ((True, True), (False, False)):  # with grad as the control: the [B, P] buffer
+        with torch.set_grad_enabled(grad_enabled), FloatMatrices() as record:
+            parts = score_projection_triton(image, text, mask, direction, 0.3)
+        assert ((3, 40) in record.shapes) == made, record.shapes
+        assert parts.score.requires_grad == grad_enabled
+
+
+def test_the_five_outputs_are_independent_tensors():
+    image, text, mask, direction = random_inputs(3, 2, 16, 16)
+    image.requires_grad_(True)
+    parts = score_projection_triton(image, text, mask, direction, 0.3)
+    for name in ScoreParts._fields[1:]:
+        getattr(parts, name).mul_(2)  # e.g. a caller rescaling a reported value in place
+    parts.score.sum().backward()
+    _, expected = image_gradient(score_projection_torch, image, text, mask, direction, 0.3, torch.ones(3))
+    torch.testing.assert_close(image.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_double_backward_names_the_twin():
+    image, text, mask, direction = random_inputs(2, 2, 8, 17)
+    image.requires_grad_(True)
+    score = score_projection_triton(image, text, mask, direction, 0.3).score.sum()
+    with pytest.raises(RuntimeError, match="double backward.*LONGALIGN_KERNELS=torch"):
+        (grad,) = torch.autograd.grad(score, image, create_graph=True)
+        grad.sum().backward()
+
+
+def test_auto_mode_gives_text_that_requires_grad_to_the_twin(monkeypatch):
+    image, text, mask, direction = random_inputs(2, 2, 8, 18)
+    text.requires_grad_(True)
+    monkeypatch.setenv("LONGALIGN_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)  # as for CUDA tensors in auto mode
+    score_projection(image, text, mask, direction, 0.3).score.sum().backward()
+    assert text.grad is not None and text.grad.abs().sum() > 0
+
+
+def test_float64_takes_the_twin_in_auto_mode_and_is_refused_by_the_kernel(monkeypatch):
+    image, text, mask, direction = random_inputs(2, 2, 8, 19, dtype=torch.float64)
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    assert score_projection(image, text, mask, direction, 0.3).score.dtype == torch.float64
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16.*LONGALIGN_KERNELS=torch"):
+        score_projection_triton(image, text, mask, direction, 0.3)
