@@ -4,6 +4,7 @@
     python score.py outputs/ "samples/*.png" --prompt "..."  # many images (folders, globs), ranked
     python score.py --fit-direction prompts.txt -o V.safetensors        # fit the common direction V
     python score.py --retrieval manifest.jsonl --max-sentences 1,2,3,4,6,8   # the paper's Tables 1 and 4
+    python score.py --eval samples/ --prompts prompts.jsonl --scorer Denscore  # the paper's Table 2
 
 Each image gets (×100, as papers report them):
     original     C_X·C_P       the segment-level score: the mean cosine of the image with each sentence
@@ -11,14 +12,22 @@ Each image gets (×100, as papers report them):
     irrelevant   η·C_X·V       the part any caption would earn (V: the common direction, η = C_P·V)
 original = relevant + irrelevant. The split needs V: --direction, or direction.safetensors beside the
 scorer; without one only the original score is shown. Scorers: PickScore_v1, HPSv2, Denscore, CLIP-H
-(model/preference.py lists where to get them); any layout model/weights.py reads. The miniature's own
-evaluation table is made by `python -m mini.evaluate`.
+(model/preference.py lists where to get them); any layout model/weights.py reads. The line on stderr
+names the direction file used. The miniature's own evaluation table is made by `python -m mini.evaluate`.
+
+--eval DIR --prompts FILE (DIR: the --out-dir of `sample.py --prompts FILE`) gives Table 2's mean ± 95% CI,
+1.96·std/√n, of the original (Denscore-O) and text-relevant (Denscore) scores ×100, and each image's scores
+in DIR/scores.jsonl (or --out). FILE: .txt, a prompt a line, or JSONL ("prompt" or "caption", optional
+"name"); prompt i is its i-th non-empty entry, and its image the "file" of DIR/manifest.jsonl's line with
+"index" i (and that prompt), else DIR/NAME.png, else DIR/00000.png (i in 5 digits). V, without a file, is
+fitted on these prompts. In every mode a bad or missing image is skipped and named; none read: an error.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,12 +36,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import data
-from model.preference import (DIRECTION_FILE, KINDS, TEXT_BATCH, Scorer, common_direction, find_direction,
-                              fit_direction, prompt_embeddings, recall_table, save_direction, similarities)
+from model.preference import (DIRECTION_FILE, KINDS, TEXT_BATCH, Scorer, common_direction, direction_path,
+                              fit_direction, load_direction, prompt_embeddings, recall_table, save_direction,
+                              similarities)
+from model.weights import atomic_write
 
 DEFAULT_SCORER = Path(__file__).resolve().parent / "weights" / "mini" / "scorer"
-# Flags that left this script, by prefix, and the command that has them now.
-MOVED_FLAGS = {"--eval": "python -m mini.evaluate"}
+# The miniature's evaluation flags left this script (all begin so); the command that has them now.
+MOVED_PREFIX, MOVED_TO = "--eval-", "python -m mini.evaluate"
+SAMPLE_MANIFEST = "manifest.jsonl"  # what `sample.py --prompts FILE --out-dir DIR` writes into DIR
+EVAL_SCORES = "scores.jsonl"        # --eval's per-image scores, by default in DIR
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,22 +72,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit-direction", type=Path, metavar="PROMPTS",
                         help="fit V on these prompts (.txt: one per line; .jsonl: 'caption' or 'prompt' "
                              "fields) and save it to --output")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help=f"where --fit-direction writes V (default: ./{DIRECTION_FILE})")
+    parser.add_argument("-o", "--output", "--out", type=Path, default=None,
+                        help=f"where --fit-direction writes V (default: ./{DIRECTION_FILE}), or --eval the "
+                             f"per-image scores (default: DIR/{EVAL_SCORES})")
     parser.add_argument("--retrieval", type=Path, metavar="MANIFEST",
                         help="text->image R@1 on a .jsonl of {\"image\": path relative to the manifest, "
-                             "\"caption\": text}")
+                             "\"caption\": text}; at least 2 pairs")
+    parser.add_argument("--eval", type=Path, metavar="DIR",
+                        help="Table 2: score the images of DIR against --prompts (pairing: see above)")
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="with --eval: the prompt file DIR was sampled from (.txt or .jsonl)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="scorer weights dtype (default float32)")
     args, unknown = parser.parse_known_args(argv)
-    for flag in unknown:
-        for prefix, command in MOVED_FLAGS.items():
-            if flag.startswith(prefix):
-                raise ValueError(f"{flag.split('=')[0]} is no longer part of score.py: run `{command}` "
-                                 "(see its --help for the flags)")
+    moved = next((flag for flag in unknown if flag.startswith(MOVED_PREFIX)), None)
+    if moved:
+        raise ValueError(f"{moved.split('=')[0]} is no longer part of score.py: run `{MOVED_TO}` (see its --help "
+                         "for the flags)")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
@@ -170,28 +187,62 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
 
 
-def embed_images(scorer: Scorer, paths: list[Path], batch_size: int) -> torch.Tensor:
-    """Raw image embeddings [N, P] of image files, in batches, each file read once."""
-    chunks = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(paths), batch_size), desc="images", disable=len(paths) <= batch_size):
-            images = [load_image(path) for path in paths[start:start + batch_size]]
-            chunks.append(scorer.encode_images(images).float().cpu())
-    return torch.cat(chunks)
+def embed_images(scorer: Scorer, paths: list[Path], batch_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Raw image embeddings [n, P] of the files that read, in batches, each read once; and their indices.
+
+    A file that does not read is skipped (one bad image in thousands costs only itself) and named on stderr;
+    when none reads, that is the error (a lone file's own message)."""
+    chunks, kept, skipped = [], [], []
+    with torch.no_grad(), tqdm(total=len(paths), desc="images", unit="image", disable=len(paths) <= batch_size) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    images.append(load_image(paths[i]))
+                    kept.append(i)
+                except ValueError as err:
+                    skipped.append(str(err))
+            if images:
+                chunks.append(scorer.encode_images(images).float().cpu())
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+            bar.update(min(batch_size, len(paths) - start))
+    if not chunks and len(skipped) == 1:
+        raise ValueError(skipped[0])
+    for note in skipped:
+        print(f"skipped: {note}", file=sys.stderr)
+    if not chunks:
+        raise ValueError(f"none of the {len(paths)} images could be read (each is named above)")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(paths)} images; scored the other {len(kept)}", file=sys.stderr)
+    return torch.cat(chunks), kept
+
+
+def read_direction(args, location: Path, scorer: Scorer) -> tuple[torch.Tensor | None, str | None]:
+    """V and its file, by the one rule of ``direction_path`` (--direction, else the file beside the scorer),
+    named on stderr; (None, None) when there is none."""
+    path = direction_path(args.direction, location)
+    if path is None:
+        return None, None
+    direction = load_direction(path, scorer.embed_dim)
+    print(f"common direction V: {path}{'' if args.direction else ' (found beside the scorer)'}", file=sys.stderr)
+    return direction, f"from {path}"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The three modes
+# The four modes
 # ---------------------------------------------------------------------------------------------------------
 
-def score_rows(scorer: Scorer, prompt: str, paths: list[Path], direction: torch.Tensor | None, args) -> list[dict]:
-    """One row per image: its scores ×100 (and η), ranked by the text-relevant score when V is known."""
+def score_rows(args, scorer: Scorer, location: Path) -> list[dict]:
+    """One row per image that reads: its scores ×100 (and η), ranked by the text-relevant score when V is known."""
+    prompt, paths = prompt_and_images(args)
+    direction, _ = read_direction(args, location, scorer)
     (k,) = parse_max_sentences(args.max_sentences, many=False)
     encoded = scorer.encode_prompts([prompt], single=args.single, max_sentences=k)
     text = encoded.prompt_embedding().cpu()  # [1, P]
-    scores = similarities(text, embed_images(scorer, paths, args.batch_size), direction)
+    images, kept = embed_images(scorer, paths, args.batch_size)
+    scores = similarities(text, images, direction)
     rows = []
-    for i, path in enumerate(paths):
+    for i, path in enumerate([paths[j] for j in kept]):
         row = {"image": str(path), "original": 100 * scores["original"][0, i].item(),
                "segments": int(encoded.segments_used()[0])}
         if direction is not None:
@@ -206,15 +257,11 @@ def score_rows(scorer: Scorer, prompt: str, paths: list[Path], direction: torch.
     return rows
 
 
-def run_scores(args, scorer: Scorer, direction: torch.Tensor | None) -> None:
-    prompt, paths = prompt_and_images(args)
-    rows = score_rows(scorer, prompt, paths, direction, args)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    if direction is None:
+def show_scores(rows: list[dict], scorer: Scorer) -> None:
+    split = "relevant" in rows[0]
+    if not split:
         print("(no common direction: showing the original score only; fit one with --fit-direction)")
-    columns = ["original", "relevant", "irrelevant", "eta"] if direction is not None else ["original"]
+    columns = ["original", "relevant", "irrelevant", "eta"] if split else ["original"]
     print(f"{'rank':>4}  " + "  ".join(f"{c:>10}" for c in columns) + f"  {'segments':>8}  image")
     for row in rows:
         values = "  ".join(f"{row[c]:10.4f}" if c == "eta" else f"{row[c]:10.2f}" for c in columns)
@@ -234,32 +281,31 @@ def run_fit_direction(args, scorer: Scorer) -> None:
           f"range {eta.min():.3f}..{eta.max():.3f}")
 
 
-def retrieval_results(args, scorer: Scorer, direction: torch.Tensor | None) -> dict:
+def retrieval_results(args, scorer: Scorer, location: Path) -> dict:
     """Tables 1 and 4 (R@1 %) for the manifest's pairs, from one pass over the images."""
     records = data.read_manifest(args.retrieval)
     empty = next((r.image for r in records if not r.caption), None)
     if empty is not None:
         raise ValueError(f"{args.retrieval}: the caption of {empty} is empty; every pair needs one")
-    captions = [r.caption for r in records]
+    direction, source = read_direction(args, location, scorer)
     ks = parse_max_sentences(args.max_sentences, many=True)
-    images = embed_images(scorer, [r.image for r in records], args.batch_size)
+    images, kept = embed_images(scorer, [r.image for r in records], args.batch_size)
+    if len(kept) < 2:  # one pair is always its own best match: R@1 = 100% whatever the scorer
+        raise ValueError(f"retrieval needs at least 2 image-caption pairs that read, {args.retrieval} has "
+                         f"{len(kept)}; add pairs to the manifest")
+    captions = [records[i].caption for i in kept]
     average = prompt_embeddings(scorer, captions, max_sentences=list(dict.fromkeys([None, *ks])))
     single = prompt_embeddings(scorer, captions, single=True)[None]
-    source = "given"
     if direction is None:
         direction, source = common_direction(average[None]), "fitted on these captions"
-    results = {"pairs": len(records), "direction": source,
+    results = {"pairs": len(kept), "direction": source,
                "table1": recall_table({"single": single, "average": average[None]}, images, direction)}
     if args.max_sentences is not None:
         results["table4"] = recall_table({str(k): average[k] for k in ks}, images, direction)
     return results
 
 
-def run_retrieval(args, scorer: Scorer, direction: torch.Tensor | None) -> None:
-    results = retrieval_results(args, scorer, direction)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
+def show_retrieval(results: dict, scorer: Scorer) -> None:
     print(f"text->image R@1 (%) over {results['pairs']} pairs, scorer {scorer.name} ({scorer.kind.name}), "
           f"V {results['direction']}")
     for key, title in (("table1", "Table 1"), ("table4", "Table 4: max sentences")):
@@ -270,23 +316,120 @@ def run_retrieval(args, scorer: Scorer, direction: torch.Tensor | None) -> None:
                 print(f"{label:<24}" + "".join(f"{results[key][row][n]:10.2f}" for n in names))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Table 2: a folder of generated images against the prompts it was sampled from
+# ---------------------------------------------------------------------------------------------------------
+
+def json_object(line: str, path: Path, number: int) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); write one object a line") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} line {number} is a JSON {type(entry).__name__}; write one object a line")
+    return entry
+
+
+def read_prompt_file(path: Path) -> list[dict]:
+    """{"prompt", "name"} per non-empty entry of a .txt (a prompt a line) or a JSONL ("prompt" or "caption")."""
+    entries = []
+    for number, line in enumerate(read_text(path, "--prompts file").splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = json_object(line, path, number) if path.suffix.lower() == ".jsonl" else {"prompt": line}
+        text = entry.get("prompt", entry.get("caption"))
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f'{path} line {number}: needs a non-empty "prompt" or "caption" text')
+        entries.append({"prompt": text.strip(), "name": entry.get("name")})
+    return entries
+
+
+def eval_images(folder: Path, entries: list[dict]) -> list[Path]:
+    """The image of each prompt: by the folder's manifest when it has one, else NAME.png or 00000.png."""
+    if not folder.is_dir():
+        raise ValueError(f"--eval folder not found: {folder}; pass the --out-dir of sample.py --prompts")
+    paths = [folder / (f"{e['name']}.png" if e["name"] is not None else f"{i:05d}.png") for i, e in enumerate(entries)]
+    manifest = folder / SAMPLE_MANIFEST
+    lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
+    for number, line in enumerate(lines, 1):
+        entry = json_object(line, manifest, number) if line.strip() else {}
+        if "file" not in entry:  # a line of settings, not of an image
+            continue
+        index = entry.get("index")
+        if type(index) is not int or not 0 <= index < len(entries) \
+                or str(entry.get("prompt", "")).strip() != entries[index]["prompt"]:
+            raise ValueError(f"{manifest} line {number}: {entry['file']} was not sampled from prompt {index} of "
+                             "the --prompts file; pass the prompt file this folder was sampled from")
+        paths[index] = folder / str(entry["file"])
+    return paths
+
+
+def mean_ci(values: torch.Tensor) -> dict:
+    """The mean and the half-width of its 95% confidence interval, 1.96·s/√n (s: the sample std; None if n = 1)."""
+    values = values.double()
+    ci = 1.96 * values.std().item() / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": values.mean().item(), "ci95": ci, "n": len(values)}
+
+
+def eval_results(args, scorer: Scorer, location: Path) -> dict:
+    """Table 2's summary; one row per image that reads (scores ×100, as ``score_rows`` gives them) to --out."""
+    (k,) = parse_max_sentences(args.max_sentences, many=False)
+    entries = read_prompt_file(args.prompts)
+    paths = eval_images(args.eval, entries)
+    direction, source = read_direction(args, location, scorer)
+    images, kept = embed_images(scorer, paths, args.batch_size)
+    prompts = [entries[i]["prompt"] for i in kept]
+    text = prompt_embeddings(scorer, prompts, single=args.single, max_sentences=[k])[k]
+    if direction is None:
+        direction, source = common_direction(text), f"fitted on these {len(prompts)} prompts"
+    blocks = [similarities(text[s:s + TEXT_BATCH], images[s:s + TEXT_BATCH], direction)  # pair i: a diagonal
+              for s in range(0, len(kept), TEXT_BATCH)]
+    scores = {key: 100 * torch.cat([block[key].diagonal() for block in blocks]) for key in ("original", "relevant")}
+    rows = [{"index": i, "image": str(paths[i]), "prompt": entries[i]["prompt"],
+             "original": scores["original"][n].item(), "relevant": scores["relevant"][n].item(),
+             "irrelevant": (scores["original"][n] - scores["relevant"][n]).item(), "eta": (text[n] @ direction).item()}
+            for n, i in enumerate(kept)]
+    out = args.output or args.eval / EVAL_SCORES
+    atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"))
+    return {"images": len(kept), "skipped": len(paths) - len(kept), "direction": source, "scores": str(out),
+            "original": mean_ci(scores["original"]), "relevant": mean_ci(scores["relevant"])}
+
+
+def show_eval(summary: dict, scorer: Scorer) -> None:
+    print(f"Table 2 over {summary['images']} images ({summary['skipped']} skipped), scorer {scorer.name} "
+          f"({scorer.kind.name}), V {summary['direction']}")
+    for key, label in (("original", "Denscore-O  original ×100"), ("relevant", "Denscore    text-relevant ×100")):
+        ci = summary[key]["ci95"]
+        print(f"  {label:<32}{summary[key]['mean']:8.2f} ± {'n/a' if ci is None else f'{ci:.2f}'}")
+    print(f"per-image scores: {summary['scores']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
-        if not (args.fit_direction or args.retrieval or args.inputs):
-            raise ValueError("nothing to do: give images and a prompt, --fit-direction or --retrieval (see --help)")
+        modes = [flag for flag, on in (("--fit-direction", args.fit_direction), ("--retrieval", args.retrieval),
+                                       ("--eval", args.eval), ("images", args.inputs)) if on]
+        if len(modes) != 1:
+            raise ValueError(f"{' and '.join(modes) + ' do not go together' if modes else 'nothing to do'}: give "
+                             "images and a prompt, --fit-direction, --retrieval or --eval (see --help)")
+        if (args.eval is None) != (args.prompts is None):
+            raise ValueError("--eval DIR and --prompts FILE go together: the images and the prompts they were "
+                             "sampled from")
+        parse_max_sentences(args.max_sentences, many=bool(args.retrieval))  # bad input fails before loading
         location = scorer_path(args.scorer)
         scorer = Scorer.load(location, kind=args.kind, dtype=getattr(torch, args.dtype), device=args.device)
         if args.fit_direction:
             run_fit_direction(args, scorer)
             return 0
-        direction = find_direction(args.direction, location, scorer.embed_dim)
-        if args.retrieval:
-            run_retrieval(args, scorer, direction)
+        compute, show = {"--retrieval": (retrieval_results, show_retrieval), "--eval": (eval_results, show_eval),
+                         "images": (score_rows, show_scores)}[modes[0]]
+        results = compute(args, scorer, location)
+        if args.json:
+            print(json.dumps(results, indent=2))
         else:
-            run_scores(args, scorer, direction)
+            show(results, scorer)
     except ValueError as err:  # bad input, WeightsError included: one line, no traceback
         message = " ".join(line.strip() for line in str(err).splitlines())
         print(f"score.py: error: {message}", file=sys.stderr)

@@ -36,7 +36,7 @@ from model.longtext import DroppedTokensWarning, LongPromptEncoder
 from model.lora import (inject_lora, load_lora_state_dict, lora_state_dict, merge_and_unload, read_lora_file,
                         stack_loras)
 from model.lora_formats import lora_metadata, save_lora_file
-from model.preference import KINDS, Scorer, load_direction
+from model.preference import KINDS, Scorer, direction_path, load_direction
 from model.t5 import (ADAPTER_CONFIGS, CLIPT5Encoder, TextAdapter, load_adapter, load_t5, load_t5_tokenizer,
                       save_adapter)
 from model.tokenizer import load_tokenizer
@@ -123,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("reward stage")
     g.add_argument("--scorer", type=Path, help="the preference scorer (any CLIP layout model/weights.py reads)")
     g.add_argument("--scorer-kind", choices=list(KINDS), help="default: inferred from the scorer path")
-    g.add_argument("--direction", type=Path, help="the common direction V (score.py --fit-direction); "
-                                                  "default: the batch's mean text embedding, over all ranks")
+    g.add_argument("--direction", type=Path, help="the common direction V (score.py --fit-direction); default: "
+                                                  "direction.safetensors beside the scorer as score.py finds it, "
+                                                  "else the batch's mean text embedding, over all ranks")
     g.add_argument("--omega", type=float, default=0.3, help="weight ω of the text-irrelevant part (default: 0.3)")
     g.add_argument("--rollout-steps", type=int, default=50, help="DDIM steps per rollout, trailing (default: 50)")
     g.add_argument("--grad-stride", type=int, default=10,
@@ -367,7 +368,11 @@ def main(argv=None) -> list[dict]:
         scorer, direction = None, None
         if args.stage == "reward":
             scorer = Scorer.load(args.scorer, kind=args.scorer_kind, dtype=env.half, device=env.device)
-            direction = load_direction(args.direction, scorer.embed_dim) if args.direction else None
+            # the same rule as score.py: --direction, else direction.safetensors beside the scorer, else the batch
+            direction_file = direction_path(args.direction, args.scorer)
+            direction = load_direction(direction_file, scorer.embed_dim) if direction_file else None
+            if env.main:
+                print(f"common direction V: {direction_file or 'the mean of each batch of prompts, over all ranks'}")
 
         signature = {"stage": args.stage, "data": str(args.data), "seed": args.seed, "grad_accum": args.grad_accum,
                      "global_batch": args.batch_size * env.world, "full": args.full, "lora_rank": args.lora_rank,

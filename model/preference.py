@@ -16,7 +16,7 @@ stage therefore trains on score_ω = relevant + ω·irrelevant (ω = 0.3 in the 
 its twin are ``model.kernels.score_projection``.
 
 V is fitted on a corpus of prompts and saved as a small safetensors file (:func:`fit_direction`,
-:func:`save_direction`; :func:`find_direction` looks for it beside a scorer), or taken from the current batch
+:func:`save_direction`; :func:`direction_path` is where scripts look for it), or taken from the current batch
 as the official training code does (:func:`batch_direction`, which sums over every rank under
 torch.distributed). The retrieval of the paper's Tables 1 and 4 is :func:`recall_table`.
 """
@@ -307,18 +307,27 @@ def load_direction(path: str | os.PathLike, embed_dim: int | None = None) -> tor
     return F.normalize(direction, dim=0)
 
 
+def direction_path(path: str | os.PathLike | None, scorer_location: str | os.PathLike) -> Path | None:
+    """The one rule for where V comes from: ``path`` when given, else :data:`DIRECTION_FILE` beside the scorer
+    (in its folder, or beside its file) when that exists, else None (no split, or V from the batch).
+
+    Every script that scores uses this rule, so scoring and reward training see the same V.
+    """
+    if path is not None:
+        return Path(path)
+    location = Path(scorer_location)
+    beside = (location if location.is_dir() else location.parent) / DIRECTION_FILE
+    return beside if beside.is_file() else None
+
+
 def find_direction(path: str | os.PathLike | None, scorer_location: str | os.PathLike,
                    embed_dim: int) -> torch.Tensor | None:
-    """V from ``path``; when that is None, from :data:`DIRECTION_FILE` beside the scorer, or None if there is none.
+    """V from :func:`direction_path`'s file, or None when it finds none; the size check is :func:`load_direction`'s.
 
-    ``scorer_location`` is the scorer's folder or file; the size check is that of :func:`load_direction`.
+    ``scorer_location`` is the scorer's folder or file.
     """
-    if path is None:
-        location = Path(scorer_location)
-        path = (location if location.is_dir() else location.parent) / DIRECTION_FILE
-        if not path.is_file():
-            return None
-    return load_direction(path, embed_dim)
+    found = direction_path(path, scorer_location)
+    return None if found is None else load_direction(found, embed_dim)
 
 
 def check_direction(direction: torch.Tensor, embed_dim: int) -> None:

@@ -1,5 +1,6 @@
-"""score.py end to end: parity with transformers for PickScore- and HPSv2-layout scorers, the three modes,
-and the clear one-line errors (exit code 2).
+"""score.py end to end: parity with transformers for PickScore- and HPSv2-layout scorers, the four modes
+(Table 2's --eval agrees with the per-image scores), bad images skipped rather than fatal, the direction file
+named, and the clear one-line errors (exit code 2).
 
 Parity uses a tiny random transformers CLIPModel (the real vocabulary and 224-px input, narrow towers),
 saved as a transformers folder (PickScore / Denscore layout) and converted in this file to an open_clip
@@ -311,3 +312,139 @@ def test_no_scorer_and_no_default_names_where_to_get_one(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "no --scorer given" in bad.stderr and "PickScore_v1" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Table 2's evaluation of a folder, and bad images that do not stop a run
+# ---------------------------------------------------------------------------------------------------------
+
+EVAL_PROMPTS = [PROMPT, "A lone tree on a hill. The grass is dry.", "Snow. Wind! A cabin with a red door.",
+                "Two dogs run along a beach at dusk.", "A kettle on a stove. Steam rises.", "An empty road at noon."]
+
+
+@pytest.fixture(scope="module")
+def direction(weights, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "prompts.txt"
+    corpus.write_text("\n".join(EVAL_PROMPTS))
+    path = corpus.with_name("V.safetensors")
+    assert score.main(["--fit-direction", str(corpus), "-o", str(path), "--scorer",
+                       str(weights / "PickScore_tiny")]) == 0
+    return path
+
+
+def write_bad_images(folder, *names):
+    """The first name is not an image at all, the second a PNG cut in half."""
+    (folder / names[0]).write_text("not an image")
+    noise_image(224, 224, seed=99).save(folder / names[1])
+    whole = (folder / names[1]).read_bytes()
+    (folder / names[1]).write_bytes(whole[:len(whole) // 2])
+
+
+def test_eval_means_are_those_of_the_per_image_scores(weights, direction, tmp_path, capsys):
+    """Pairs by name or 5-digit index; a broken, a truncated and a missing image are skipped and named."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    names = [None, "cabin", None, None, None, None]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p} | ({"name": n} if n else {})) + "\n"
+                               for p, n in zip(EVAL_PROMPTS, names)))
+    good = [folder / "00000.png", folder / "cabin.png", folder / "00002.png"]
+    for seed, path in enumerate(good):
+        noise_image(224, 224, seed=seed).save(path)
+    write_bad_images(folder, "00003.png", "00004.png")  # and no 00005.png
+    scorer = ("--scorer", weights / "PickScore_tiny", "--direction", direction)
+    code, out, err = run(capsys, "--eval", folder, "--prompts", prompts, *scorer, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["images"], summary["skipped"], summary["direction"]) == (3, 3, f"from {direction}")
+    notes = [line for line in err.splitlines() if line.startswith("skipped: ")]
+    assert len(notes) == 3 and all(name in " ".join(notes) for name in ("00003.png", "00004.png", "00005.png"))
+    assert "skipped 3 of 6 images" in err
+    rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["image"]) for r in rows] == [(0, str(good[0])), (1, str(good[1])), (2, str(good[2]))]
+    plain = {}
+    for row in rows:
+        [single] = run_json(capsys, row["image"], "--prompt", EVAL_PROMPTS[row["index"]], *scorer)
+        plain[row["index"]] = single
+        for key in ("original", "relevant", "irrelevant", "eta"):
+            assert abs(row[key] - single[key]) < 1e-4, key
+    for key in ("original", "relevant"):
+        values = [plain[i][key] for i in range(3)]
+        mean = sum(values) / 3
+        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5  # the sample std, n - 1
+        assert abs(summary[key]["mean"] - mean) < 1e-4
+        assert abs(summary[key]["ci95"] - 1.96 * std / 3 ** 0.5) < 1e-4
+    code, out, err = run(capsys, "--eval", folder, "--prompts", prompts, *scorer, "--out", tmp_path / "s.jsonl")
+    assert code == 0 and "Denscore-O" in out and "±" in out
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
+
+
+def test_eval_pairs_by_the_manifest_of_the_batch_sampler(weights, direction, tmp_path, capsys):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(EVAL_PROMPTS[:3]) + "\n\n")
+    lines = [{"settings": {"steps": 10}}, {"file": "b.png", "prompt": EVAL_PROMPTS[0], "index": 0},
+             {"file": "a.png", "prompt": EVAL_PROMPTS[1], "index": 1}]  # prompt 2 not written yet
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    noise_image(224, 224, seed=0).save(folder / "a.png")
+    noise_image(224, 224, seed=1).save(folder / "b.png")
+    noise_image(224, 224, seed=2).save(folder / "00000.png")  # not the image of prompt 0: the manifest says b.png
+    scorer = ("--scorer", weights / "PickScore_tiny", "--direction", direction)
+    code, out, err = run(capsys, "--eval", folder, "--prompts", prompts, *scorer, "--json")
+    assert code == 0, err
+    assert json.loads(out)["skipped"] == 1 and "00002.png" in err
+    rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    assert [(r["index"], Path(r["image"]).name) for r in rows] == [(0, "b.png"), (1, "a.png")]
+    [single] = run_json(capsys, folder / "b.png", "--prompt", EVAL_PROMPTS[0], *scorer)
+    assert abs(rows[0]["original"] - single["original"]) < 1e-4
+
+    lines[1]["prompt"] = "another prompt"
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    expect_error(capsys, "b.png was not sampled from prompt 0", "--eval", folder, "--prompts", prompts, *scorer)
+    expect_error(capsys, "--eval DIR and --prompts FILE go together", "--eval", folder, *scorer)
+    expect_error(capsys, "--eval folder not found", "--eval", tmp_path / "nowhere", "--prompts", prompts, *scorer)
+    expect_error(capsys, "--retrieval and --eval do not go together", "--eval", folder, "--prompts", prompts,
+                 "--retrieval", prompts, *scorer)
+
+
+def test_a_bad_image_in_a_folder_is_skipped_not_fatal(weights, tmp_path, capsys):
+    for i in range(2):
+        noise_image(224, 224, seed=i).save(tmp_path / f"{i}.png")
+    write_bad_images(tmp_path, "bad.png", "cut.png")
+    code, out, err = run(capsys, tmp_path, "--prompt", PROMPT, "--scorer", weights / "PickScore_tiny", "--json")
+    assert code == 0, err
+    assert sorted(Path(r["image"]).name for r in json.loads(out)) == ["0.png", "1.png"]
+    notes = err.strip().splitlines()
+    assert len(notes) == 3 and "bad.png is not a readable image" in notes[0] and "cut.png" in notes[1]
+    assert notes[2] == "skipped 2 of 4 images; scored the other 2"
+    for i in range(2):
+        (tmp_path / f"{i}.png").unlink()
+    code, out, err = run(capsys, tmp_path, "--prompt", PROMPT, "--scorer", weights / "PickScore_tiny")
+    assert code == 2 and err.strip().splitlines()[-1].endswith("none of the 2 images could be read (each is named "
+                                                                "above)")
+
+
+def test_retrieval_refuses_a_single_pair(weights, tmp_path, capsys):
+    """One pair always retrieves itself: R@1 would read 100% whatever the scorer."""
+    noise_image(224, 224).save(tmp_path / "0.png")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "0.png", "caption": PROMPT}) + "\n")
+    expect_error(capsys, "retrieval needs at least 2 image-caption pairs", "--retrieval", tmp_path / "manifest.jsonl",
+                 "--scorer", weights / "PickScore_tiny")
+
+
+def test_the_direction_file_used_is_named(weights, direction, tmp_path, capsys):
+    """V beside the scorer is picked up (by the rule reward training uses too) and never silently."""
+    beside = tmp_path / "scorer"
+    beside.mkdir()
+    for file in (weights / "PickScore_tiny").iterdir():
+        (beside / file.name).symlink_to(file)
+    noise_image(224, 224).save(tmp_path / "0.png")
+    code, out, err = run(capsys, tmp_path / "0.png", "--prompt", PROMPT, "--scorer", beside, "--json")
+    assert code == 0 and "relevant" not in json.loads(out)[0] and "common direction" not in err
+    shutil.copy(direction, beside / "direction.safetensors")
+    code, out, err = run(capsys, tmp_path / "0.png", "--prompt", PROMPT, "--scorer", beside, "--json")
+    assert code == 0 and "relevant" in json.loads(out)[0]
+    assert err == f"common direction V: {beside / 'direction.safetensors'} (found beside the scorer)\n"
+    code, out, err = run(capsys, tmp_path / "0.png", "--prompt", PROMPT, "--scorer", beside, "--direction", direction)
+    assert code == 0 and err == f"common direction V: {direction}\n"

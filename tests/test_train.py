@@ -396,3 +396,16 @@ def test_a_bf16_step_runs_on_the_cpu(world, tmp_path, stage):
 def test_a_warmup_longer_than_the_run_is_said(world, tmp_path, capsys):
     train.main(tiny_args(world, tmp_path, "sft", "--steps", "1", "--warmup", "2000"))
     assert "--warmup 2000 is longer than --steps 1, so the learning rate ends at 5e-07" in capsys.readouterr().err
+
+
+def test_reward_takes_the_direction_beside_the_scorer_as_score_py_does(world, tmp_path, capsys):
+    import shutil
+    from model.preference import save_direction
+    scorer_dir = tmp_path / "scorer"
+    shutil.copytree(world / "scorer", scorer_dir)
+    scorer = Scorer.load(scorer_dir)
+    save_direction(scorer_dir / "direction.safetensors", F.normalize(torch.randn(scorer.embed_dim), dim=0), scorer, 8)
+    args = tiny_args(world, tmp_path / "run", "reward", "--steps", "1")
+    args[args.index("--scorer") + 1] = str(scorer_dir)
+    train.main(args)
+    assert f"common direction V: {scorer_dir / 'direction.safetensors'}" in capsys.readouterr().out
