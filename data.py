@@ -6,8 +6,8 @@
   resolution and mapped to [-1, 1]; captions are dropped to "" at a fixed rate (10% in the authors' runs) for
   classifier-free guidance.
 - PromptDataset: prompts only, for the reward stage (LongAlign §4 needs prompts, not images).
-- image_dataset / prompt_dataset / first_captions / validation_prompts / default_resolution: what a
-  ``--data`` spec means. A path is one of the layouts above; ``shapes`` or ``shapes:N`` is the miniature's
+- image_dataset / prompt_dataset / first_captions / validation_prompts / validation_images /
+  default_resolution: what a ``--data`` spec means. A path is one of the layouts above; ``shapes`` or ``shapes:N`` is the miniature's
   synthetic world (``mini/world.py``), made on the fly.
 
 Every image dataset item is a dict {"image": FloatTensor [3, H, W] in [-1, 1], "caption": str}.
@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # every image file read
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def read_manifest(path: Path) -> list[Record]:
                          '{"image": "relative/path.png", "caption": "..."} object per line, or a folder of images '
                          "with same-named .txt captions (a list of prompts is only for the reward stage).")
     records = []
-    for number, entry in _json_lines(path):
+    for number, entry in json_lines(path):
         missing = [key for key in ("image", "caption") if key not in entry]
         if missing:
             raise ValueError(f"{path} line {number}: missing key {' and '.join(map(repr, missing))}; every "
@@ -173,15 +173,16 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
 
 
-def _json_lines(path: Path):
-    """(line number, JSON object) for every non-empty line of a JSONL file."""
+def json_lines(path: Path):
+    """(line number, JSON object) for every non-empty line of a JSONL file (see :func:`json_line`)."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                yield number, _json_line(line, path, number)
+                yield number, json_line(line, path, number)
 
 
-def _json_line(line: str, path: Path, number: int) -> dict:
+def json_line(line: str, path: Path, number: int) -> dict:
+    """One line of a JSONL file as a dict; anything else is a one-line ValueError naming the file and line."""
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as err:
@@ -216,7 +217,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 def _jsonl_prompts(path: Path) -> list[str]:
     prompts = []
-    for number, entry in _json_lines(path):
+    for number, entry in json_lines(path):
         key = next((k for k in ("caption", "prompt") if k in entry), None)
         if key is None:
             raise ValueError(f'{path} line {number}: needs a "caption" or "prompt" key.')
@@ -283,6 +284,15 @@ def validation_prompts(spec: str | Path, dataset, n: int) -> list[str]:
         return first_captions(dataset, n)
     from mini import world
     return world.split_captions("val", n)
+
+
+def validation_images(spec: str | Path, dataset, n: int) -> torch.Tensor:
+    """Fixed preview images [n, 3, H, W] in [-1, 1]: held-out ("val") scenes for the shapes world, else the
+    data's first images (at most as many as there are)."""
+    if shapes_count(spec) is not None:
+        from mini import world
+        dataset = world.ShapesDataset("val", n, caption_dropout=0.0)
+    return torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])
 
 
 def default_resolution(spec: str | Path) -> int:

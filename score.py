@@ -320,23 +320,13 @@ def show_retrieval(results: dict, scorer: Scorer) -> None:
 # Table 2: a folder of generated images against the prompts it was sampled from
 # ---------------------------------------------------------------------------------------------------------
 
-def json_object(line: str, path: Path, number: int) -> dict:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); write one object a line") from None
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path} line {number} is a JSON {type(entry).__name__}; write one object a line")
-    return entry
-
-
 def read_prompt_file(path: Path) -> list[dict]:
     """{"prompt", "name"} per non-empty entry of a .txt (a prompt a line) or a JSONL ("prompt" or "caption")."""
     entries = []
     for number, line in enumerate(read_text(path, "--prompts file").splitlines(), 1):
         if not line.strip():
             continue
-        entry = json_object(line, path, number) if path.suffix.lower() == ".jsonl" else {"prompt": line}
+        entry = data.json_line(line, path, number) if path.suffix.lower() == ".jsonl" else {"prompt": line}
         text = entry.get("prompt", entry.get("caption"))
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f'{path} line {number}: needs a non-empty "prompt" or "caption" text')
@@ -352,7 +342,7 @@ def eval_images(folder: Path, entries: list[dict]) -> list[Path]:
     manifest = folder / SAMPLE_MANIFEST
     lines = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
     for number, line in enumerate(lines, 1):
-        entry = json_object(line, manifest, number) if line.strip() else {}
+        entry = data.json_line(line, manifest, number) if line.strip() else {}
         if "file" not in entry:  # a line of settings, not of an image
             continue
         index = entry.get("index")

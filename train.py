@@ -394,55 +394,35 @@ def main(argv=None) -> list[dict]:
     schedule, records, stop = NoiseSchedule(), [], runtime.StopRequest()
     batches = runtime.endless_batches(dataset, state.position, args.batch_size, args.seed, args.workers, env)
     bar = tqdm(total=args.steps, initial=state.step, desc=args.stage, disable=not env.main)
-    try:
+    with runtime.guarded_loop(args.out, stop, bar, env):
         while state.step < args.steps:
             started, logged = time.time(), {}
             for _ in range(args.grad_accum):  # accumulate micro-batches
                 batch = next(batches)
                 with env.autocast():
                     if args.stage == "sft":
-                        loss, extra = sft_loss(unet, vae, encoder, schedule, batch, state.generator, env)
+                        loss, logs = sft_loss(unet, vae, encoder, schedule, batch, state.generator, env)
                     else:
-                        loss, extra = reward_loss(unet, vae, encoder, scorer, direction, batch, args,
-                                                  state.generator, env)
-                runtime.check_finite(loss, state.step + 1, env)  # before it can reach the weights
-                state.scaler.scale(loss / args.grad_accum).backward()
-                for name, value in {"loss": loss, **extra}.items():
-                    logged[name] = logged.get(name, 0.0) + float(value.detach()) / args.grad_accum
+                        loss, logs = reward_loss(unet, vae, encoder, scorer, direction, batch, args,
+                                                 state.generator, env)
+                runtime.backward(state, loss, logs, logged, args.grad_accum, env)  # refuses a NaN loss
             # all-reduce over ranks, clip, step, schedule, EMA
             logged.update(runtime.optimizer_step(state, args.grad_clip, args.ema, env))
-            record = {"step": state.step, **runtime.mean_over_ranks(logged, env),
-                      "seconds": round(time.time() - started, 4)}
-            stop_now = runtime.any_rank(stop.signum is not None, env)
-            if env.main:
-                records.append(record)
-                runtime.append_metrics(args.out, record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if args.sample_every and state.step % args.sample_every == 0:
-                    with runtime.ema_weights(state):
-                        save_preview(trained, unet, vae, encoder, val_prompts, args, env,
-                                     args.out / "samples" / f"step_{state.step:06d}.png")
-                if state.step % args.save_every == 0 or state.step == args.steps or stop_now:
-                    with runtime.ema_weights(state):
-                        save_outputs(unet, adapter, args, sft_lora)
-                    runtime.save_checkpoint(state, args.out)
-            if stop_now:
-                if env.main:
-                    print(f"stopped at step {state.step}; continue with the same command plus --resume",
-                          file=sys.stderr)
-                raise SystemExit(stop.exit_code())
+            records.append(runtime.log_step(state, logged, time.time() - started, args.out, bar, env))
+            stop_now = stop.agreed(env)
+            if env.main and args.sample_every and state.step % args.sample_every == 0:
+                with runtime.ema_weights(state):
+                    save_preview(trained, unet, vae, encoder, val_prompts, args, env,
+                                 args.out / "samples" / f"step_{state.step:06d}.png")
+            if env.main and (state.step % args.save_every == 0 or state.step == args.steps or stop_now):
+                with runtime.ema_weights(state):
+                    save_outputs(unet, adapter, args, sft_lora)
+                runtime.save_checkpoint(state, args.out)
+            stop.exit_if(stop_now, state.step, env)
         if args.export and env.main:
             with runtime.ema_weights(state):
                 export_pipeline(unet, adapter, args, sft_lora, args.export)
             print(f"exported to {args.export}")
-    except runtime.Diverged as err:
-        print(f"error: {err}; stopping. The last good checkpoint, if any, is kept in {args.out}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        bar.close()
-        stop.restore()
-        runtime.end_processes(env)
     return records
 
 

@@ -27,7 +27,6 @@ Four measurements on a trained miniature pipeline (default: the shipped ``weight
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import sys
 from collections import Counter
@@ -39,7 +38,7 @@ import torch
 from data import to_tensor
 from mini import world
 from mini.metrics import SHIPPED, generate, load_scorer, renders, scene_noise
-from mini.world import Scene, ShapeObject
+from mini.probes import CAPTION_ERRORS, colour_source, other_colours, ridge_probe_accuracy, same_wording_caption
 from model.diffusion import NoiseSchedule
 from model.longtext import LongPromptEncoder
 from model.preference import Scorer
@@ -66,15 +65,6 @@ def last_kept_states(pipeline, sentences: list[str]) -> np.ndarray:
     ids = [pipeline.tokenizer.encode(s) for s in sentences]
     hidden = pipeline.text_encoder(torch.tensor([frame(i) for i in ids]))
     return torch.stack([hidden[n, len(i)] for n, i in enumerate(ids)]).float().numpy()
-
-
-def ridge_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, ridge: float = 1e-2) -> float:
-    """Held-out accuracy of a one-vs-all ridge regression onto one-hot labels (with a bias column)."""
-    def with_bias(x):
-        return np.concatenate([x, np.ones((len(x), 1))], axis=1)
-    a, b = with_bias(train_x), with_bias(test_x)
-    weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ np.eye(n_classes)[train_y])
-    return float(((b @ weights).argmax(1) == test_y).mean())
 
 
 def probe_table(pipeline, n_train: int, n_test: int) -> list[str]:
@@ -114,22 +104,6 @@ def caption_use_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
-def other_colours(scene: Scene, obj: ShapeObject) -> set[str]:
-    """The colours the caption names for objects other than ``obj``, ``obj``'s own colour left out."""
-    return {o.color for o in scene.objects if o is not obj} - {obj.color}
-
-
-def colour_source(image: np.ndarray, scene: Scene, obj: ShapeObject) -> str:
-    """Where the colour drawn in ``obj``'s cell comes from (see the module's docstring, point 3)."""
-    ink, nearest = world.ink_and_nearest_colour(image[world.cell_slice(obj.cell)].astype(np.float64))
-    if ink.mean() < world.OBJECT_MIN_INK:
-        return "no object drawn"
-    dominant = list(world.COLORS)[np.bincount(nearest[ink], minlength=len(world.COLORS)).argmax()]
-    if dominant == obj.color:
-        return "the named colour"
-    return "another object's colour" if dominant in other_colours(scene, obj) else "a colour the caption does not name"
-
-
 def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     examples = world.shapes_split("test", n_scenes)
     noise = scene_noise(n_scenes, pipeline.vae, seed=0)
@@ -153,52 +127,6 @@ def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     return rows
 
 
-def same_wording_caption(split: str, index: int, scene: Scene) -> str:
-    """The caption ``world.shapes_example(split, index)`` would give ``scene``: the same random templates and
-    sentence order as the example's own caption (the generator's random state after drawing its scene)."""
-    rng = random.Random(world.SPLIT_SEED_BASE[split] + index)
-    world.random_scene(rng)
-    return world.caption(scene, rng)
-
-
-def swap_two_colours(scene: Scene, rng: random.Random) -> Scene | None:
-    """Two objects of different colours trade colours (a binding error); None when all colours are equal."""
-    pairs = [(a, b) for a in range(len(scene.objects)) for b in range(a)
-             if scene.objects[a].color != scene.objects[b].color]
-    if not pairs:
-        return None
-    a, b = rng.choice(pairs)
-    objects = list(scene.objects)
-    objects[a], objects[b] = (dataclasses.replace(objects[a], color=scene.objects[b].color),
-                              dataclasses.replace(objects[b], color=scene.objects[a].color))
-    return dataclasses.replace(scene, objects=tuple(objects))
-
-
-def replace_one_colour(scene: Scene, rng: random.Random) -> Scene | None:
-    """One object takes a colour no object of the scene has; None when the scene uses all eight."""
-    unused = [c for c in world.COLORS if c not in {o.color for o in scene.objects}]
-    if not unused:
-        return None
-    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
-    objects[k] = dataclasses.replace(objects[k], color=rng.choice(unused))
-    return dataclasses.replace(scene, objects=tuple(objects))
-
-
-def move_one_object(scene: Scene, rng: random.Random) -> Scene | None:
-    """One object moves to a cell the caption does not mention; None when every cell is mentioned."""
-    taken = {o.cell for o in scene.objects} | set(scene.empty_mentioned)
-    free = [c for c in range(len(world.POSITIONS)) if c not in taken]
-    if not free:
-        return None
-    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
-    objects[k] = dataclasses.replace(objects[k], cell=rng.choice(free))
-    return dataclasses.replace(scene, objects=tuple(objects))
-
-
-ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour replaced": replace_one_colour,
-          "one object moved": move_one_object}
-
-
 @torch.no_grad()
 def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
     examples = world.shapes_split("test", n_scenes)
@@ -207,7 +135,7 @@ def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -
     rng = random.Random(0)
     rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
             "text-relevant (%) | mean margin ×100, original / text-relevant |", "|---|---|---|---|---|"]
-    for name, put_error in ERRORS.items():
+    for name, put_error in CAPTION_ERRORS.items():
         changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
         kept = [(i, scene) for i, scene in changed if scene is not None]
         if not kept:

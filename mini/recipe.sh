@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The miniature's full recipe (issue 7): the shipped weights/mini from nothing, on a CPU.
+# The miniature's full recipe: the shipped weights/mini from nothing, on a CPU (mini/README.md has the results).
 #
-#     bash bench/mini_recipe.sh                 # every stage (independent ones side by side)
-#     bash bench/mini_recipe.sh sft-segment     # one stage (or several, in the order given)
-#     nohup bash bench/mini_recipe.sh > runs/mini/recipe.log 2>&1 &
+#     bash mini/recipe.sh                 # every stage (independent ones side by side)
+#     bash mini/recipe.sh sft-segment     # one stage (or several, in the order given)
+#     nohup bash mini/recipe.sh > runs/mini/recipe.log 2>&1 &
 #
 # Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1; or reward-OMEGA), ship, eval.
 # With no arguments: clip ∥ vae, then sft-segment ∥ sft-truncate, then the three rewards, ship, eval.
@@ -24,13 +24,13 @@ VAE_STEPS=${VAE_STEPS:-300}
 SFT_STEPS=${SFT_STEPS:-22000}
 SFT_DECAY_FROM=${SFT_DECAY_FROM:-19000}  # constant lr to here, then a linear fall to zero at SFT_STEPS
 REWARD_STEPS=${REWARD_STEPS:-40}
-REWARD_LR=${REWARD_LR:-5e-5}  # 2e-4 and above cost facts (README: the reward table)
+REWARD_LR=${REWARD_LR:-5e-5}  # 2e-4 and above cost facts (mini/README.md: the reward table)
 EVAL_SCENES=${EVAL_SCENES:-500}
 # How the table's images are sampled (DPM-Solver++); `ship` records them in weights/mini/longalign.json, so
 # sample.py with no flags samples the shipped model the way it was measured.
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}
 SAMPLE_CFG=${SAMPLE_CFG:-3}
-SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run that ships as weights/mini: LongAlign S+R at the paper's ω (README)
+SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run that ships as weights/mini: LongAlign S+R at the paper's ω
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
 # side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
@@ -47,19 +47,19 @@ run() {  # run NAME COMMAND...: log to $RUNS/NAME.log and record the wall time
 }
 
 stage_clip() {  # scorer + frozen text encoder, contrastive on sentences, segment means and truncated captions
-    run clip python train.py --stage clip --data shapes --from-scratch mini --steps "$CLIP_STEPS" \
+    run clip python -m mini.pretrain --stage clip --data shapes --from-scratch mini --steps "$CLIP_STEPS" \
         --batch-size 64 --lr 1e-3 --warmup 25 --save-every 50 --workers 0 \
         --out "$RUNS/clip" --export "$PIPE" --resume
 }
 
 stage_vae() {  # 64×64 images <-> 16×16×4 latents
-    run vae python train.py --stage vae --data shapes --from-scratch mini --steps "$VAE_STEPS" \
+    run vae python -m mini.pretrain --stage vae --data shapes --from-scratch mini --steps "$VAE_STEPS" \
         --batch-size 16 --lr 2e-3 --warmup 20 --save-every 50 --sample-every 100 --workers 0 \
         --out "$RUNS/vae" --export "$PIPE" --resume
 }
 
-sft() {  # sft ENCODING: the UNet from scratch; concat is LongAlign's segment encoding, truncate the baseline
-    local encoding=$1 name=sft-$2
+sft() {  # sft ENCODING: the UNet from scratch; segment is LongAlign's encoding, truncate the 77-token baseline
+    local encoding=$1 name=sft-$1
     run "$name" python train.py --stage sft --data shapes --weights "$PIPE" --from-scratch mini --full \
         --encoding "$encoding" --steps "$SFT_STEPS" --batch-size 16 --lr 1e-3 --warmup 50 \
         --decay-from "$SFT_DECAY_FROM" --grad-clip 1 --ema 0.99 \
@@ -72,7 +72,7 @@ reward() {  # reward OMEGA: a fresh LoRA on the segment-SFT UNet ascends the ω-
     run "reward-$omega" python train.py --stage reward --data shapes --weights "$RUNS/sft-segment/pipeline" \
         --scorer "$PIPE/scorer" --direction "$PIPE/scorer/direction.safetensors" --omega "$omega" \
         --steps "$REWARD_STEPS" --batch-size 8 --lr "$REWARD_LR" --warmup 5 --lora-rank 8 --rollout-steps 10 \
-        --grad-stride 5 --cfg 3 --save-every 10 --sample-every 0 --workers 0 \
+        --grad-stride 5 --cfg 3 --lora-dropout 0 --save-every 10 --sample-every 0 --workers 0 \
         --out "$RUNS/reward-$omega" --export "$RUNS/reward-$omega/pipeline" --resume
 }
 
@@ -101,8 +101,8 @@ PY
     du -ab weights/mini | sort -n | tail -12
 }
 
-stage_eval() {  # the README table: facts, Fréchet distance, Table 1 and η, on held-out scenes
-    local common=(--eval-shapes --scenes "$EVAL_SCENES" --sample-steps "$SAMPLE_STEPS" --cfg "$SAMPLE_CFG"
+stage_eval() {  # the evaluation table: facts, Fréchet distance, Table 1 and η, on held-out scenes
+    local common=(--scenes "$EVAL_SCENES" --sample-steps "$SAMPLE_STEPS" --cfg "$SAMPLE_CFG"
                   --scorer "$PIPE/scorer" -o "$RUNS/eval.md")
     local rows=("truncate SFT=$RUNS/sft-truncate/pipeline:truncate"
                 "segment SFT=$RUNS/sft-segment/pipeline"
@@ -111,13 +111,13 @@ stage_eval() {  # the README table: facts, Fréchet distance, Table 1 and η, on
                 "segment SFT + reward ω=1=$RUNS/reward-1/pipeline")
     # Two one-thread processes share the rows (each row's numbers are cached beside eval.md); the last call
     # finds every row cached and writes the table.
-    OMP_NUM_THREADS=1 python score.py "${common[@]}" --row "${rows[0]}" --row "${rows[2]}" --row "${rows[4]}" \
+    OMP_NUM_THREADS=1 python -m mini.evaluate "${common[@]}" --row "${rows[0]}" --row "${rows[2]}" --row "${rows[4]}" \
         > "$RUNS/eval-a.log" 2>&1 &
-    OMP_NUM_THREADS=1 python score.py "${common[@]}" --row "${rows[1]}" --row "${rows[3]}" > "$RUNS/eval-b.log" 2>&1
+    OMP_NUM_THREADS=1 python -m mini.evaluate "${common[@]}" --row "${rows[1]}" --row "${rows[3]}" > "$RUNS/eval-b.log" 2>&1
     wait
     local all=()
     for row in "${rows[@]}"; do all+=(--row "$row"); done
-    run eval python score.py "${common[@]}" "${all[@]}"
+    run eval python -m mini.evaluate "${common[@]}" "${all[@]}"
     cat "$RUNS/eval.md"
 }
 
@@ -125,8 +125,8 @@ stage() {
     case $1 in
         clip) stage_clip ;;
         vae) stage_vae ;;
-        sft-segment) sft concat segment ;;
-        sft-truncate) sft truncate truncate ;;
+        sft-segment) sft segment ;;
+        sft-truncate) sft truncate ;;
         reward) reward 0; reward 0.3; reward 1 ;;
         reward-*) reward "${1#reward-}" ;;
         ship) stage_ship ;;

@@ -271,6 +271,12 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_SEED_BASE)}.")
 
 
+def check_index(index: int, n: int) -> None:
+    """A dataset of the first ``n`` examples ends at ``n`` (IndexError, which also ends iteration over it)."""
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} is outside this dataset of {n} examples")
+
+
 def shapes_example(split: str, index: int) -> tuple[Scene, str]:
     """Scene and caption number ``index`` of ``split`` ("train", "val" or "test")."""
     check_split(split)
@@ -323,9 +329,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def caption_of(self, index: int) -> str:
         """Item ``index``'s caption as written, without rendering or dropout."""
+        check_index(index, self.n)
         return shapes_example(self.split, index)[1]
 
     def __getitem__(self, index: int) -> dict:
+        check_index(index, self.n)
         scene, text = shapes_example(self.split, index)
         if caption_dropped(self.caption_dropout, self.seed, self.epoch, index):
             text = ""
@@ -342,4 +350,5 @@ class ShapesCaptions(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> str:
+        check_index(index, self.n)
         return shapes_example("train", index)[1]

@@ -1,15 +1,14 @@
 """Process plumbing shared by every training loop: devices, DDP, signals, randomness, checkpoints, EMA.
 
-None of this is LongAlign. It is what makes a long run on a shared machine safe and exact:
-- a run under ``torchrun --nproc_per_node=N`` computes the same update as one process with an N-times larger
-  batch (every random draw is made for the global batch; gradients are averaged over the ranks);
-- a run stopped at any point (Ctrl-C, SIGTERM, a crash) resumes from its last checkpoint and gives the same
-  losses as an uninterrupted run (the checkpoint holds weights, optimizer, schedule, RNG states and the data
-  position, and is written atomically);
+None of this is LongAlign. It makes a long run on a shared machine safe and exact:
+- under ``torchrun --nproc_per_node=N`` a step equals one process's with an N-times larger batch (random draws
+  are made for the global batch; gradients are averaged over the ranks);
+- a run stopped anywhere (Ctrl-C, SIGTERM, a crash) resumes from its last checkpoint (weights, optimizer,
+  schedule, RNG states, data position; written atomically) with the losses of an uninterrupted run;
 - a NaN or infinite loss stops the run before it can overwrite the last good checkpoint.
 
-``train.py`` (LongAlign's two stages) and ``mini/pretrain.py`` (the miniature's CLIP and VAE) both write
-their loop out in full and call these pieces.
+``train.py`` (LongAlign's two stages) and ``mini/pretrain.py`` (the miniature's CLIP and VAE) write their
+loops out and call these pieces.
 """
 from __future__ import annotations
 
@@ -39,9 +38,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Devices and processes
-# ----------------------------------------------------------------------------------------------------------
+# ---- Devices and processes ----
 
 @dataclass(frozen=True)
 class Env:
@@ -91,19 +88,16 @@ def end_processes(env: Env) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """The same initial weights on every rank (rank 0's are broadcast anyway, see TrainState.start)."""
+    """The same initial weights on every rank (rank 0's are broadcast anyway, see start_training)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def global_randn(generator: torch.Generator, shape: tuple, env: Env) -> torch.Tensor:
-    """N(0, 1) noise for the GLOBAL batch, of which this rank keeps rows rank::world.
-
-    DistributedSampler gives rank r the samples at positions r, r + world, ... of the global batch, so
-    every sample meets the same noise whether one process or N run the step. All ranks share one seeded
-    generator and draw in lockstep; the extra rows cost nothing next to a UNet call.
-    """
+    """N(0, 1) noise for the GLOBAL batch, of which this rank keeps rows rank::world: DistributedSampler gives
+    rank r the samples r, r + world, ..., so every sample meets the same noise whether 1 or N processes run the
+    step. All ranks draw in lockstep from one seeded generator; the extra rows cost nothing next to a UNet."""
     noise = torch.randn((shape[0] * env.world, *shape[1:]), generator=generator)
     return noise[env.rank::env.world].to(env.device)
 
@@ -136,13 +130,9 @@ def any_rank(flag: bool, env: Env) -> bool:
 
 
 def average_gradients(params: list[nn.Parameter], env: Env, bucket_numel: int = 2 ** 24) -> None:
-    """Replace every gradient by its mean over the ranks, in flat buckets.
-
-    This is what DistributedDataParallel does during backward. Its wrapper is not used here because it
-    expects one forward per backward, and the reward rollout calls the UNet up to 50 times per step, with
-    the K gradient steps recomputed inside backward by checkpointing. One explicit all-reduce per optimizer
-    step serves every loop, with or without gradient accumulation.
-    """
+    """Replace every gradient by its mean over the ranks, in flat buckets, as DistributedDataParallel would.
+    Its wrapper expects one forward per backward; the reward rollout calls the UNet up to 50 times a step and
+    recomputes K of them inside backward, so one explicit all-reduce per optimizer step serves every loop."""
     if env.world == 1:
         return
     bucket, size = [], 0
@@ -176,8 +166,16 @@ class StopRequest:
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
 
-    def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGTERM)
+    def agreed(self, env: "Env") -> bool:
+        """Whether any rank was asked to stop: all ranks then save and exit after the same step."""
+        return any_rank(self.signum is not None, env)
+
+    def exit_if(self, stop_now: bool, step: int, env: "Env") -> None:
+        if not stop_now:
+            return
+        if env.main:
+            print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -195,9 +193,22 @@ def check_finite(loss: torch.Tensor, step: int, env: Env) -> None:
         raise Diverged(f"the loss is {value} at step {step}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data order
-# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def guarded_loop(out: Path, stop: StopRequest, bar, env: Env):
+    """Around a training loop: a diverged run exits with one line (its last good checkpoint kept), and
+    whatever happens the progress bar, the signal handlers and the process group are put away."""
+    try:
+        yield
+    except Diverged as err:
+        print(f"error: {err}; stopping. The last good checkpoint, if any, is kept in {out}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        bar.close()
+        stop.restore()
+        end_processes(env)
+
+
+# ---- Data order ----
 
 @dataclass
 class DataPosition:
@@ -213,12 +224,9 @@ def collate(items: list) -> dict:
 
 
 def endless_batches(dataset, position: DataPosition, batch_size: int, seed: int, workers: int, env: Env):
-    """Yield batches epoch after epoch from ``position`` on, advancing it.
-
-    The order of an epoch is DistributedSampler's seeded shuffle, a function of (seed, epoch) only, so a
-    resumed run skips exactly the batches it already used, and N ranks together read what one process
-    with an N-times larger batch reads.
-    """
+    """Yield batches epoch after epoch from ``position`` on, advancing it. An epoch's order is
+    DistributedSampler's seeded shuffle, a function of (seed, epoch) only, so a resumed run skips exactly the
+    batches it used, and N ranks together read what one process with an N-times larger batch reads."""
     while True:
         if hasattr(dataset, "set_epoch"):  # caption dropout varies with the epoch
             dataset.set_epoch(position.epoch)
@@ -240,9 +248,7 @@ def check_dataset_size(dataset, batch_size: int, env: Env) -> None:
                          f"({batch_size} per process × {env.world}); lower --batch-size or add data")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Randomness and the learning rate
-# ----------------------------------------------------------------------------------------------------------
+# ---- Randomness and the learning rate ----
 
 def rng_states(generator: torch.Generator) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -263,30 +269,21 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def learning_rate_factor(step: int, warmup: int, decay_from: int | None, steps: int) -> float:
-    """The factor on the base learning rate at optimizer step ``step`` (0-based).
-
-    A linear warm-up over ``warmup`` steps, then constant, as in the authors' released training scripts; with
-    ``decay_from``, a linear fall from 1 at that step to 0 at ``steps``. It depends on the step alone, so a
-    resumed run continues the same curve; raising the step count on resume changes it only after
-    ``decay_from``.
-    """
+    """The factor on the base learning rate at optimizer step ``step`` (0-based): a linear warm-up over
+    ``warmup`` steps, then constant, as in the authors' released training scripts; with ``decay_from``, a
+    linear fall from 1 there to 0 at ``steps``. It depends on the step alone, so a resume continues the curve."""
     factor = min(1.0, (step + 1) / max(1, warmup))
     if decay_from is not None and step >= decay_from:
         factor *= max(0.0, (steps - step) / max(1, steps - decay_from))
     return factor
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The training state: what a checkpoint holds
-# ----------------------------------------------------------------------------------------------------------
+# ---- The training state: what a checkpoint holds ----
 
 @dataclass
 class TrainState:
-    """The mutable state of a loop, saved whole in every checkpoint.
-
-    ``trainable`` names every parameter that is trained (requires_grad); ``generator`` makes every random
-    draw of training (noise, timesteps, rollout offsets, crops), so it is saved with the rest.
-    """
+    """The mutable state of a loop, saved whole in every checkpoint. ``trainable`` names every trained
+    parameter; ``generator`` makes every random draw of training (noise, timesteps, offsets, crops)."""
     trainable: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
@@ -317,9 +314,7 @@ class TrainState:
         if set(self.trainable) != set(state["trainable"]):
             raise ValueError("the checkpoint's trained weights do not match this model; resume with the same "
                              "weights, config and LoRA settings")
-        with torch.no_grad():
-            for name, param in self.trainable.items():
-                param.copy_(state["trainable"][name])
+        copy_into(self.trainable, state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -331,12 +326,9 @@ class TrainState:
 
 
 def start_training(model: nn.Module, args, signature: dict, env: Env) -> TrainState:
-    """AdamW over the model's trainable parameters, the warm-up schedule, the fp16 loss scaler, the EMA and
-    the training generator; resumed from OUT/checkpoint.pt with ``--resume`` when there is one.
-
-    ``args`` carries the optimisation flags both training scripts share: lr, adam_betas, adam_eps,
-    weight_decay, warmup, decay_from, steps, ema, seed, out, resume.
-    """
+    """AdamW over the model's trainable parameters, the schedule, the fp16 loss scaler, the EMA and the
+    generator, resumed from OUT/checkpoint.pt with ``--resume``. ``args`` holds the flags both training
+    scripts share: lr, adam_betas, adam_eps, weight_decay, warmup, decay_from, steps, ema, seed, out, resume."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -394,15 +386,17 @@ def ema_weights(state: TrainState):
         yield
         return
     backup = {name: p.detach().clone() for name, p in state.trainable.items()}
-    with torch.no_grad():
-        for name, param in state.trainable.items():
-            param.copy_(state.ema[name])
+    copy_into(state.trainable, state.ema)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, param in state.trainable.items():
-                param.copy_(backup[name])
+        copy_into(state.trainable, backup)
+
+
+@torch.no_grad()
+def copy_into(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, param in params.items():
+        param.copy_(values[name])
 
 
 def save_checkpoint(state: TrainState, out: Path) -> None:
@@ -410,9 +404,27 @@ def save_checkpoint(state: TrainState, out: Path) -> None:
     atomic_write(out / CHECKPOINT_FILE, lambda tmp: torch.save(state.state_dict(), tmp))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Logs and previews
-# ----------------------------------------------------------------------------------------------------------
+# ---- Logs and previews ----
+
+def backward(state: "TrainState", loss: torch.Tensor, logs: dict, logged: dict, grad_accum: int, env: Env) -> None:
+    """One micro-batch: refuse a non-finite loss, backpropagate its share of the step (fp16-scaled when the
+    scaler is on), and add its logged numbers into ``logged`` as means over the micro-batches."""
+    check_finite(loss, state.step + 1, env)
+    state.scaler.scale(loss / grad_accum).backward()
+    for name, value in {"loss": loss, **logs}.items():
+        logged[name] = logged.get(name, 0.0) + float(value.detach()) / grad_accum
+
+
+def log_step(state: "TrainState", logged: dict, seconds: float, out: Path, bar, env: Env) -> dict:
+    """The step's record, {step, logged numbers averaged over the ranks, seconds}, in OUT/metrics.jsonl and on
+    the progress bar (main process)."""
+    record = {"step": state.step, **mean_over_ranks(logged, env), "seconds": round(seconds, 4)}
+    if env.main:
+        append_metrics(out, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+    return record
+
 
 def append_metrics(out: Path, record: dict) -> None:
     with open(out / METRICS_FILE, "a") as f:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data import (CaptionImageDataset, PromptDataset, default_resolution, first_captions, image_dataset,
-                  prompt_dataset, resize_and_center_crop, to_tensor, validation_prompts)
+                  prompt_dataset, resize_and_center_crop, to_tensor, validation_images, validation_prompts)
 from mini.world import ShapesCaptions, ShapesDataset, render, shapes_example, split_captions, write_shapes_manifest
 
 
@@ -177,6 +177,8 @@ def test_a_shapes_spec_names_the_shapes_world():
     prompts = prompt_dataset("shapes:4")
     assert isinstance(prompts, ShapesCaptions) and first_captions(prompts, 4) == split_captions("train", 4)
     assert validation_prompts("shapes:4", prompts, 2) == split_captions("val", 2)  # held out, not training
+    held_out = validation_images("shapes:4", shapes, 2)
+    assert torch.equal(held_out[1], to_tensor(render(shapes_example("val", 1)[0])))
     assert default_resolution("shapes") == default_resolution("shapes:9") == 64
 
 
@@ -198,6 +200,7 @@ def test_a_path_spec_reads_files(tmp_path):
     assert isinstance(images, CaptionImageDataset) and images[0]["caption"] == ""
     assert first_captions(images, 5) == ["c0", "c1", "c2"] and validation_prompts(manifest, images, 2) == ["c0", "c1"]
     assert default_resolution(manifest) == 512
+    assert validation_images(manifest, images, 5).shape == (3, 3, 8, 8)  # at most as many as there are
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\n")
     assert isinstance(prompt_dataset(prompts), PromptDataset) and first_captions(prompt_dataset(prompts), 1) == ["one"]

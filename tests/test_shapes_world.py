@@ -182,5 +182,9 @@ def test_shapes_dataset_renders_on_the_fly():
     assert item["caption"] in (text, "")
     assert 0 < sum(data[i]["caption"] == "" for i in range(50)) < 25
     assert all(data.caption_of(i) == shapes_example("train", i)[1] for i in range(50))  # never dropped
+    with pytest.raises(IndexError):  # the first n examples end at n, though the split goes on
+        data[50]
     prompts = ShapesCaptions(5)
+    with pytest.raises(IndexError):
+        prompts[5]
     assert len(prompts) == 5 and list(prompts) == split_captions("train", 5)

@@ -1,0 +1,85 @@
+"""The instruments of the miniature's diagnosis (``python -m mini.diagnose``): a linear probe, where a drawn
+colour comes from, and captions with exactly one error put in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+
+from mini import world
+from mini.world import Scene, ShapeObject
+
+
+def ridge_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, ridge: float = 1e-2) -> float:
+    """Held-out accuracy of a one-vs-all ridge regression onto one-hot labels (with a bias column)."""
+    def with_bias(x):
+        return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    a, b = with_bias(train_x), with_bias(test_x)
+    weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ np.eye(n_classes)[train_y])
+    return float(((b @ weights).argmax(1) == test_y).mean())
+
+
+def other_colours(scene: Scene, obj: ShapeObject) -> set[str]:
+    """The colours the caption names for objects other than ``obj``, ``obj``'s own colour left out."""
+    return {o.color for o in scene.objects if o is not obj} - {obj.color}
+
+
+def colour_source(image: np.ndarray, scene: Scene, obj: ShapeObject) -> str:
+    """Where the colour drawn in ``obj``'s cell comes from, judged by the palette colour most of its ink is
+    nearest to: the named colour, another object's colour (a binding error), a colour the caption does not
+    name, or no object drawn (too little ink)."""
+    ink, nearest = world.ink_and_nearest_colour(image[world.cell_slice(obj.cell)].astype(np.float64))
+    if ink.mean() < world.OBJECT_MIN_INK:
+        return "no object drawn"
+    dominant = list(world.COLORS)[np.bincount(nearest[ink], minlength=len(world.COLORS)).argmax()]
+    if dominant == obj.color:
+        return "the named colour"
+    return "another object's colour" if dominant in other_colours(scene, obj) else "a colour the caption does not name"
+
+
+def same_wording_caption(split: str, index: int, scene: Scene) -> str:
+    """The caption ``world.shapes_example(split, index)`` would give ``scene``: the same random templates and
+    sentence order as the example's own caption (the generator's random state after drawing its scene)."""
+    rng = random.Random(world.SPLIT_SEED_BASE[split] + index)
+    world.random_scene(rng)
+    return world.caption(scene, rng)
+
+
+def swap_two_colours(scene: Scene, rng: random.Random) -> Scene | None:
+    """Two objects of different colours trade colours (a binding error); None when all colours are equal."""
+    pairs = [(a, b) for a in range(len(scene.objects)) for b in range(a)
+             if scene.objects[a].color != scene.objects[b].color]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    objects = list(scene.objects)
+    objects[a], objects[b] = (dataclasses.replace(objects[a], color=scene.objects[b].color),
+                              dataclasses.replace(objects[b], color=scene.objects[a].color))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def replace_one_colour(scene: Scene, rng: random.Random) -> Scene | None:
+    """One object takes a colour no object of the scene has; None when the scene uses all eight."""
+    unused = [c for c in world.COLORS if c not in {o.color for o in scene.objects}]
+    if not unused:
+        return None
+    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
+    objects[k] = dataclasses.replace(objects[k], color=rng.choice(unused))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def move_one_object(scene: Scene, rng: random.Random) -> Scene | None:
+    """One object moves to a cell the caption does not mention; None when every cell is mentioned."""
+    taken = {o.cell for o in scene.objects} | set(scene.empty_mentioned)
+    free = [c for c in range(len(world.POSITIONS)) if c not in taken]
+    if not free:
+        return None
+    k, objects = rng.randrange(len(scene.objects)), list(scene.objects)
+    objects[k] = dataclasses.replace(objects[k], cell=rng.choice(free))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+CAPTION_ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour replaced": replace_one_colour,
+          "one object moved": move_one_object}
