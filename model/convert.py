@@ -22,9 +22,8 @@ State = dict[str, torch.Tensor]
 
 
 class WeightsError(ValueError):
-    """A weights path or file that cannot be used; the message names the problem and the fix.
-
-    Defined here because the rules below raise it too; callers import it from ``model.weights``."""
+    """A weights path or file that cannot be used; the message names the problem and the fix. Defined here,
+    because the rules below raise it too; callers import it from ``model.weights``."""
 
 
 class Layout(StrEnum):
@@ -224,8 +223,7 @@ UNET_FIXED_OPTIONS = {
     "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "class_embed_type": (None,),
     "num_class_embeds": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",),
-    "cross_attention_norm": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "attention_type": ("default",), "cross_attention_norm": (None,),
 }
 VAE_FIXED_OPTIONS = {
     "act_fn": ("silu",), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,),
@@ -387,20 +385,23 @@ def infer_clip_config(state: State, hf_config: dict | None = None,
 
 
 def _tower_config(config_class, tower: str, shapes: dict, hf_config: dict | None, layout: Layout):
-    """Add the two things the shapes cannot show, the head count and the activation.
-
-    They come from config.json when there is one; else from the public config (``model.clip.CONFIGS``) with
-    exactly these shapes, which is how ViT-L/14 gets quick_gelu and ViT-H/14 gets GELU and its 80-wide vision
-    heads; else from open_clip's own defaults, 64-wide heads and exact GELU.
-    """
+    """Add the two things the shapes cannot show, the head count and the activation: from config.json when
+    there is one, else from the public config (``model.clip.CONFIGS``) with exactly these shapes (so ViT-L/14
+    gets quick_gelu, ViT-H/14 GELU and 80-wide vision heads). Other shapes are refused: they fit any head
+    count that divides the width, with either activation."""
     if hf_config is not None:
         defaults = TRANSFORMERS_DEFAULTS[tower]
-        heads = hf_config.get("num_attention_heads", defaults["num_attention_heads"])
-        act = hf_config.get("hidden_act", defaults["hidden_act"])
+        heads, act = (hf_config.get(key, defaults[key]) for key in ("num_attention_heads", "hidden_act"))
     else:
         known = [getattr(cfg, tower) for cfg in CLIP_CONFIGS.values()]
         match = next((cfg for cfg in known if all(getattr(cfg, f) == v for f, v in shapes.items())), None)
-        heads, act = (match.heads, match.act) if match else (shapes["width"] // 64, "gelu")
+        if match is None:
+            raise WeightsError(f"the CLIP {tower} tower of these weights ({layout}; width {shapes['width']}, "
+                               f"layers {shapes['layers']}) matches no known config ({', '.join(CLIP_CONFIGS)}), "
+                               "and its head count and activation do not show in shapes. Load it from a folder "
+                               "whose config.json sets num_attention_heads and hidden_act (for an SD checkpoint: "
+                               "a diffusers folder's text_encoder/).")
+        heads, act = match.heads, match.act
     try:
         return config_class(**shapes, heads=heads, act=act)
     except ValueError as err:

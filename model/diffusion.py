@@ -15,7 +15,8 @@ those steps in fp16/bf16 would add avoidable error. Steps are plain out-of-place
 reward stage can backpropagate through them.
 
 Sampling with a UNet: `sample_loop(unet, sampler, latents, cond, uncond, scale)`, where `sampler` is a
-`DDIMSampler`, a `DPMSolverSampler` or a `UniPCSampler` and `unet(x, t, context) -> eps`.
+`DDIMSampler`, a `DPMSolverSampler` or a `UniPCSampler` and `unet(x, t, context) -> eps`. model/scheduler.py
+builds the sampler a pipeline folder's scheduler_config.json asks for.
 """
 import math
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-SPACINGS = ("leading", "trailing")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 class NoiseSchedule:
@@ -95,62 +96,89 @@ def _upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_num_steps(num_steps, most):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-        raise ValueError(f"the number of sampling steps must be an int, got {num_steps!r}")
-    if not 1 <= num_steps <= most:
-        raise ValueError(f"the number of sampling steps must be between 1 and {most}, got {num_steps}; "
-                         "pick a value in that range")
-
-
 def ddim_timesteps(num_steps, spacing="leading", num_train_timesteps=1000, steps_offset=1):
-    """The DDIM timesteps, from noisiest to cleanest, as a CPU LongTensor [num_steps].
+    """DDIMScheduler's timesteps, from noisiest to cleanest, as a CPU LongTensor [num_steps].
 
     "leading" (diffusers' SD-1.5 default): k·(T // n) + steps_offset, reversed; 50 steps give 981, 961, …, 1.
     "trailing" (LongAlign's reward rollout): round(T − k·T/n) − 1; 50 steps give 999, 979, …, 19.
-    Both match diffusers' DDIMScheduler for every n, except that "trailing" always gives exactly n steps:
+    "linspace": n points evenly spaced from T − 1 down to 0, rounded; 50 steps give 999, 979, 958, …, 0.
+    All match diffusers' DDIMScheduler for every n, except that "trailing" always gives exactly n steps:
     diffusers builds it with a float np.arange that, for some n (61, 103, ...), appends a spurious step −1.
     """
+    return _spaced_timesteps(num_steps, spacing, num_train_timesteps, steps_offset, extra_point=0)
+
+
+def dpm_solver_timesteps(num_steps, spacing="linspace", num_train_timesteps=1000, steps_offset=0):
+    """The timesteps of diffusers' multistep solvers (DPMSolverMultistepScheduler and UniPCMultistepScheduler)
+    as a CPU LongTensor [num_steps]; their default is "linspace".
+
+    They lay out n + 1 points and drop the last one, because the last step goes to σ = 0 instead:
+    "linspace": n + 1 points from T − 1 down to 0, rounded, 0 dropped; 20 steps give 999, 949, …, 50.
+    "leading": k·(T // (n + 1)) + steps_offset for k = n, …, 1; 20 steps with offset 1 give 941, 894, …, 48.
+    "trailing": as for DDIM.
+    """
+    return _spaced_timesteps(num_steps, spacing, num_train_timesteps, steps_offset, extra_point=1)
+
+
+def _spaced_timesteps(num_steps, spacing, num_train_timesteps, steps_offset, extra_point):
+    """The first ``num_steps`` of a grid of num_steps + extra_point timesteps, noisiest first, after checking
+    that they are distinct and inside the schedule (too many steps would repeat or leave it)."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; use one of {SPACINGS}")
+    if type(steps_offset) is not int or not 0 <= steps_offset < num_train_timesteps:
+        raise ValueError(f"steps_offset must be an int in [0, {num_train_timesteps}), got {steps_offset!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise ValueError(f"the number of sampling steps must be an int, got {num_steps!r}")
+
+    def grid(n):
+        return _grid(n, n + extra_point, spacing, num_train_timesteps, steps_offset)
+
+    if not (1 <= num_steps <= num_train_timesteps and _fits(grid(num_steps), num_train_timesteps)):
+        most = next(n for n in range(num_train_timesteps, 0, -1) if _fits(grid(n), num_train_timesteps))
+        raise ValueError(f"the number of sampling steps must be between 1 and {most}, got {num_steps}; "
+                         "pick a value in that range")
+    return torch.tensor(grid(num_steps), dtype=torch.long)
+
+
+def _grid(num_steps, points, spacing, total, offset):
+    """The top ``num_steps`` of ``points`` timesteps spaced over [0, total) by ``spacing``, as diffusers lays
+    them out. Every value is formed as numpy forms it (arange, linspace), so halves round the same way; Python's
+    round() is numpy's, half to even."""
+    if spacing == "trailing":
+        # T − k·T/n, written as numpy's arange forms it, T + k·((T − T/n) − T): when the exact value is a half
+        # (n a multiple of 16), the last bit of that stride decides the rounding.
+        stride = (total - total / num_steps) - total
+        return [round(total + k * stride) - 1 for k in range(num_steps)]
+    top = range(points - 1, points - 1 - num_steps, -1)
     if spacing == "leading":
-        # n = T would put the first step at T + offset = 1000, past the end of the schedule.
-        _check_num_steps(num_steps, num_train_timesteps - steps_offset)
-        stride = num_train_timesteps // num_steps
-        return (torch.arange(num_steps - 1, -1, -1) * stride + steps_offset).long()
-    _check_num_steps(num_steps, num_train_timesteps)
-    # T − k·T/n is written the way numpy's arange forms it, T + k·((T − T/n) − T): when the exact value is a
-    # half (n a multiple of 16), the last bit of that stride decides the rounding, and this matches diffusers.
-    stride = (num_train_timesteps - num_train_timesteps / num_steps) - num_train_timesteps
-    k = torch.arange(num_steps, dtype=torch.float64)
-    return (torch.round(num_train_timesteps + k * stride) - 1).long()
+        return [k * (total // points) + offset for k in top]
+    step = (total - 1) / (points - 1) if points > 1 else 0.0  # numpy's linspace: k·((T − 1)/(points − 1))
+    return [round(k * step) for k in top]
 
 
-def dpm_solver_timesteps(num_steps, num_train_timesteps=1000):
-    """DPMSolverMultistepScheduler's default ("linspace") timesteps as a CPU LongTensor [num_steps].
-
-    n + 1 evenly spaced points from T − 1 down to 0, rounded, with the final 0 dropped (the last step goes to
-    σ = 0 instead); 20 steps give 999, 949, …, 50. n = T would repeat timesteps, so n ≤ T − 1.
-    """
-    _check_num_steps(num_steps, num_train_timesteps - 1)
-    k = torch.arange(num_steps, 0, -1, dtype=torch.float64)
-    # k·((T−1)/n) is written as numpy's linspace forms it, so halves round the same way.
-    return torch.round(k * ((num_train_timesteps - 1) / num_steps)).long()
+def _fits(timesteps, total):
+    """Distinct (strictly decreasing) training timesteps inside [0, total)."""
+    return all(0 <= t < total for t in timesteps) and all(a > b for a, b in zip(timesteps, timesteps[1:]))
 
 
 class DDIMSampler:
     """Deterministic DDIM (eta = 0): step i moves x from timesteps[i] to timesteps[i + 1].
 
-    The last step goes to t = 0, i.e. ᾱ_0 = 0.99915, not to ᾱ = 1 (SD-1.5's set_alpha_to_one = False).
-    Each step goes to the NEXT LISTED timestep. diffusers instead always steps back by T // n (diffusers
-    GitHub threads 9261 and 12633); the two agree for "leading", and for "trailing" whenever n divides 1000 (LongAlign's
-    50 steps included).
+    The last step goes to t = 0, i.e. ᾱ_0 = 0.99915 (SD-1.5's set_alpha_to_one = False), or to ᾱ = 1 with
+    ``set_alpha_to_one``. ``clip_x0`` clamps the x0 prediction to [−clip_x0, clip_x0] (diffusers' clip_sample
+    with its clip_sample_range); SD-1.5's config turns that off. Each step goes to the NEXT LISTED timestep.
+    diffusers instead always steps back by T // n (diffusers GitHub threads 9261 and 12633); the two agree
+    for "leading", and for "trailing" whenever n divides 1000 (LongAlign's 50 steps included), but never for
+    "linspace", where diffusers' step lands between the listed timesteps.
     """
 
-    def __init__(self, schedule, num_steps, spacing="leading"):
+    def __init__(self, schedule, num_steps, spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                 clip_x0=None):
         self.schedule = schedule
-        self.timesteps = ddim_timesteps(num_steps, spacing, schedule.num_train_timesteps)
-        self._targets = self.timesteps.tolist()[1:] + [0]
+        self.timesteps = ddim_timesteps(num_steps, spacing, schedule.num_train_timesteps, steps_offset)
+        final = (1.0, 0.0) if set_alpha_to_one else schedule.scales(0, None)
+        self._targets = [schedule.scales(t, None) for t in self.timesteps.tolist()[1:]] + [final]
+        self.clip_x0 = clip_x0
 
     def step(self, eps, i, x):
         """x_{t_i} -> x_{t_{i+1}} given the model's ε at step index i (DDIM paper eq. 12 with σ_t = 0):
@@ -161,7 +189,9 @@ class DDIMSampler:
         """
         t = _check_step_index(i, self.timesteps)
         x0 = self.schedule.predict_x0(_upcast(x), eps, t)
-        alpha_prev, sigma_prev = self.schedule.scales(self._targets[i], x)
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        alpha_prev, sigma_prev = self._targets[i]
         return (alpha_prev * x0 + sigma_prev * _upcast(eps)).to(x.dtype)
 
 
@@ -175,15 +205,16 @@ def _check_step_index(i, timesteps):
 class DPMSolverSampler:
     """DPM-Solver++(2M): multistep, second order, on the data (x0) prediction (Lu et al. 2022, Algorithm 2).
 
-    This matches diffusers' DPMSolverMultistepScheduler defaults for SD-1.5: "linspace" timesteps, the first
-    step first order (there is no previous x0 yet), the last step first order and to σ = 0 (final_sigmas_type
-    "zero"), which makes the final sample the last x0 prediction. Steps must be taken in order 0, 1, …, n − 1;
-    step 0 starts a fresh run. The only state is the previous x0 and the index of the next step.
+    This matches diffusers' DPMSolverMultistepScheduler defaults for SD-1.5: "linspace" timesteps (or the
+    ``spacing`` and ``steps_offset`` given, see :func:`dpm_solver_timesteps`), the first step first order
+    (there is no previous x0 yet), the last step first order and to σ = 0 (final_sigmas_type "zero"), which
+    makes the final sample the last x0 prediction. Steps must be taken in order 0, 1, …, n − 1; step 0 starts
+    a fresh run. The only state is the previous x0 and the index of the next step.
     """
 
-    def __init__(self, schedule, num_steps):
+    def __init__(self, schedule, num_steps, spacing="linspace", steps_offset=0):
         self.schedule = schedule
-        self.timesteps = dpm_solver_timesteps(num_steps, schedule.num_train_timesteps)
+        self.timesteps = dpm_solver_timesteps(num_steps, spacing, schedule.num_train_timesteps, steps_offset)
         alphas = [schedule.sqrt_alphas_cumprod[t].item() for t in self.timesteps]
         sigmas = [schedule.sqrt_one_minus_alphas_cumprod[t].item() for t in self.timesteps]
         lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
@@ -228,8 +259,8 @@ class UniPCSampler:
     Framework for Fast Sampling of Diffusion Models", §3, in the data-prediction form of its appendix).
 
     This matches diffusers' ``UniPCMultistepScheduler.from_config(<SD-1.5 scheduler config>)``: solver order
-    2, B(h) = e^{−h} − 1 ("bh2"), "linspace" timesteps (25 steps give 999, 959, …, 40: the rule of
-    :func:`dpm_solver_timesteps`), first order on the first step and on the last one, which goes to σ = 0
+    2, B(h) = e^{−h} − 1 ("bh2"), "linspace" timesteps (25 steps give 999, 959, …, 40; ``spacing`` and
+    ``steps_offset`` as in :func:`dpm_solver_timesteps`), first order on the first step and on the last one, which goes to σ = 0
     (final_sigmas_type "zero"). Each step re-uses the UNet call it is given twice: to correct the point it is
     at (UniC), then to predict the next one (UniP); so UniPC costs no more UNet calls than DDIM.
 
@@ -252,9 +283,9 @@ class UniPCSampler:
     schedule; the tensor maths runs in at least float32.
     """
 
-    def __init__(self, schedule, num_steps):
+    def __init__(self, schedule, num_steps, spacing="linspace", steps_offset=0):
         self.schedule = schedule
-        self.timesteps = dpm_solver_timesteps(num_steps, schedule.num_train_timesteps)
+        self.timesteps = dpm_solver_timesteps(num_steps, spacing, schedule.num_train_timesteps, steps_offset)
         n = num_steps
         alphas = [schedule.sqrt_alphas_cumprod[t].item() for t in self.timesteps] + [1.0]
         sigmas = [schedule.sqrt_one_minus_alphas_cumprod[t].item() for t in self.timesteps] + [0.0]

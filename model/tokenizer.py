@@ -147,20 +147,12 @@ class CLIPTokenizer:
             raise WeightsError(f"tokenizer folder not found: {path}. Pass an SD-1.5 folder or its tokenizer/ "
                                "subfolder (they hold vocab.json and merges.txt).")
         folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = _check_vocab(_read_json(folder / "vocab.json"), folder / "vocab.json")
-            merges = _parse_merges((folder / "merges.txt").read_text(encoding="utf-8").splitlines(),
-                                   folder / "merges.txt")
-        elif (folder / "tokenizer.json").is_file():  # what transformers 5 writes instead of the two files
-            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
-        else:
+        tokenizer = _read_folder(cls, folder)
+        if tokenizer is None:
             raise WeightsError(f"no CLIP tokenizer in {folder}: expected vocab.json and merges.txt (or "
                                "tokenizer.json). Pass an SD-1.5 folder or its tokenizer/ subfolder, or use "
                                "CLIPTokenizer() for the bundled vocab.")
-        try:
-            return cls(vocab, merges)
-        except Exception as err:  # the Rust library reports a merge whose parts are not in the vocabulary
-            raise WeightsError(f"{folder}: vocab.json and merges.txt do not fit together ({err}).") from None
+        return tokenizer
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the files of an SD-1.5 ``tokenizer/`` folder; transformers' CLIPTokenizer can load them."""
@@ -211,7 +203,29 @@ def load_tokenizer(weights: str | os.PathLike) -> CLIPTokenizer:
     """The tokenizer that goes with ``weights``: the ``tokenizer/`` folder of a pipeline folder when there is
     one, else the bundled CLIP vocabulary (SD-1.5's own, which a single-file checkpoint does not carry)."""
     folder = Path(weights) / "tokenizer"
-    return CLIPTokenizer.from_pretrained(folder) if folder.is_dir() else CLIPTokenizer()
+    if not folder.is_dir():
+        return CLIPTokenizer()
+    tokenizer = _read_folder(CLIPTokenizer, folder)
+    if tokenizer is None:  # a pipeline of another kind (a T5 or sentencepiece tokenizer), or a partial download
+        raise WeightsError(f"{folder} holds no CLIP tokenizer (vocab.json and merges.txt, or tokenizer.json), so "
+                           f"{weights} is not a complete SD-1.5 pipeline folder: copy those files from SD-1.5's "
+                           "tokenizer/ folder into it.")
+    return tokenizer
+
+
+def _read_folder(cls, folder: Path) -> CLIPTokenizer | None:
+    """The tokenizer in ``folder`` (vocab.json + merges.txt, or tokenizer.json), or None when it has neither."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = _check_vocab(_read_json(folder / "vocab.json"), folder / "vocab.json")
+        merges = _parse_merges((folder / "merges.txt").read_text(encoding="utf-8").splitlines(), folder / "merges.txt")
+    elif (folder / "tokenizer.json").is_file():  # what transformers 5 writes instead of the two files
+        vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+    else:
+        return None
+    try:
+        return cls(vocab, merges)
+    except Exception as err:  # the Rust library reports a merge whose parts are not in the vocabulary
+        raise WeightsError(f"{folder}: vocab.json and merges.txt do not fit together ({err}).") from None
 
 
 def _read_json(path: Path):

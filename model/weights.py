@@ -27,12 +27,14 @@ from model.convert import (SINGLE_FILE_PREFIXES, Layout, WeightsError, clip_conf
                            is_single_file, modern_vae_attention, open_clip_to_transformers,
                            text_config_to_transformers, unet_config_from_diffusers, unet_config_to_diffusers,
                            unet_from_ldm, vae_config_from_diffusers, vae_config_to_diffusers, vae_from_ldm)
+from model.scheduler import SD15_DDIM_CONFIG, read_scheduler_config
 from model.tokenizer import CLIPTokenizer, load_tokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, UNetConfig
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, VAEConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-TRANSFORMERS_CLIP_FILES = ["model.safetensors", "pytorch_model.bin"]
+TRANSFORMERS_CLIP_FILES = ["model.safetensors", "pytorch_model.bin",
+                           "model.fp16.safetensors", "pytorch_model.fp16.bin"]  # fp16: a variant="fp16" download
 OPEN_CLIP_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]  # as laion's CLIP-H repo has
 DIFFUSERS_MODEL_FILES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                          "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
@@ -58,10 +60,8 @@ def read_state_dict(path: str | os.PathLike, only_prefix: str | None = None) -> 
         return _read_safetensors(path, only_prefix)
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
-    raise WeightsError(
-        f"unknown weights format '{path.suffix}' for {path}: use .safetensors (preferred) or a torch "
-        f"pickle ({', '.join(PICKLE_SUFFIXES)})."
-    )
+    raise WeightsError(f"unknown weights format '{path.suffix}' for {path}: use .safetensors (preferred) or a torch "
+                       f"pickle ({', '.join(PICKLE_SUFFIXES)}).")
 
 
 @contextmanager
@@ -71,10 +71,8 @@ def _open_safetensors(path: Path):
         with safe_open(str(path), "pt") as file:
             yield file
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(
-            f"{path} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
-            "download it again."
-        ) from None
+        raise WeightsError(f"{path} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
+                           "download it again.") from None
 
 
 def _read_safetensors(path: Path, only_prefix: str | None) -> dict[str, torch.Tensor]:
@@ -106,10 +104,8 @@ def find_file(folder: Path, names: list[str], what: str) -> Path:
     for name in names:
         if (folder / name).is_file():
             return folder / name
-    raise WeightsError(
-        f"no {what} weights in {folder}: expected one of {', '.join(names)}. Pass the folder that holds "
-        "them, or the weights file itself."
-    )
+    raise WeightsError(f"no {what} weights in {folder}: expected one of {', '.join(names)}. Pass the folder that "
+                       "holds them, or the weights file itself.")
 
 
 def read_config(folder: Path) -> dict | None:
@@ -331,6 +327,7 @@ class Pipeline(NamedTuple):
     text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
     vae: AutoencoderKL
+    scheduler_config: dict | None = None  # the folder's scheduler_config.json; model/scheduler.py reads it
 
     @property
     def default_size(self) -> int:
@@ -338,22 +335,32 @@ class Pipeline(NamedTuple):
         return self.unet.config.sample_size * self.vae.downsample_factor
 
 
+PIPELINE_PARTS = ("text_encoder", "unet", "vae")
+PIPELINE_HINT = ("a diffusers SD-1.5 folder (with unet/, vae/, text_encoder/, tokenizer/) or an original single-file "
+                 "checkpoint (.safetensors/.ckpt)")
+
+
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None) -> Pipeline:
     """Everything SD-1.5 sampling needs, from a diffusers pipeline folder or an original single-file checkpoint.
 
-    A folder holds ``text_encoder/``, ``unet/``, ``vae/`` and usually ``tokenizer/``. A single file carries no
-    tokenizer; SD-1.5's is CLIP's own vocabulary, which this project bundles (see ``load_tokenizer``).
+    A folder holds ``text_encoder/``, ``unet/``, ``vae/`` and usually ``tokenizer/`` and ``scheduler/``; its
+    files may be links (a Hugging Face cache snapshot). A single file carries no tokenizer; SD-1.5's is CLIP's
+    own vocabulary, which this project bundles (see ``load_tokenizer``).
     """
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"SD-1.5 weights not found: {path}. Pass a diffusers SD-1.5 folder (with unet/, vae/, "
-                           "text_encoder/, tokenizer/) or an original single-file checkpoint (.safetensors/.ckpt).")
+        raise WeightsError(f"SD-1.5 weights not found: {path}. Pass {PIPELINE_HINT}.")
     if path.is_file() and not detect_single_file(path):
         raise WeightsError(f"{path} is not a whole SD-1.5 checkpoint (it has no model.diffusion_model.* UNet keys). "
                            "Pass the diffusers folder that holds it, or the original single-file checkpoint.")
+    missing = [part + "/" for part in PIPELINE_PARTS if path.is_dir() and not (path / part).is_dir()]
+    if missing:  # e.g. one part of a pipeline: the fix is its parent, never one more subfolder
+        fix = (f"the pipeline folder that holds it, {path.parent}"
+               if all((path.parent / part).is_dir() for part in PIPELINE_PARTS) else PIPELINE_HINT)
+        raise WeightsError(f"{path} is not an SD-1.5 pipeline folder (it has no {', '.join(missing)}). Pass {fix}.")
     pipeline = Pipeline(load_tokenizer(path), load_text_encoder(path, dtype, device), load_unet(path, dtype, device),
-                        load_vae(path, dtype, device))
+                        load_vae(path, dtype, device), read_scheduler_config(path))
     if pipeline.text_encoder.hidden_size != pipeline.unet.config.cross_attention_dim:
         raise WeightsError(f"{path} mixes models that do not fit together: the text encoder gives "
                            f"{pipeline.text_encoder.hidden_size}-wide states but the UNet reads "
@@ -435,10 +442,7 @@ def save_clip_model(model: CLIPModel, folder: Path) -> None:
 def write_pipeline_files(folder: Path) -> None:
     """model_index.json and SD-1.5's DDIM scheduler config (as diffusers' ``DDIMScheduler`` reads it), which
     make a folder of unet/, vae/, text_encoder/ and tokenizer/ a diffusers pipeline folder."""
-    write_json(folder / "scheduler" / "scheduler_config.json", {
-        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
-        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"})
+    write_json(folder / "scheduler" / "scheduler_config.json", SD15_DDIM_CONFIG)
     write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],

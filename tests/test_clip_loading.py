@@ -16,7 +16,7 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 
 from model.clip import CONFIGS, CLIPModel, CLIPTextModel
 from model.tokenizer import EOT, SOT
-from model.convert import Layout, infer_clip_config, open_clip_to_transformers
+from model.convert import Layout, infer_clip_config, infer_text_config, open_clip_to_transformers
 from model.weights import WeightsError, load_clip, load_text_encoder
 
 TOLERANCE = 1e-5
@@ -195,6 +195,38 @@ def test_single_file_ckpt_pickle(hf_texts, tmp_path):
     torch.save({"state_dict": single_file_state(hf_text["state"], with_text_model=True), "global_step": 840000},
                path)
     check_text_encoder(load_text_encoder(path), hf_text)
+
+
+def test_sd15_text_encoder_shapes_in_a_single_file_are_vit_l_14():
+    """SD-1.5's own text encoder (the ViT-L/14 text tower) keeps loading from a single file: its shapes name it."""
+    with torch.device("meta"):
+        state = CLIPTextModel(CONFIGS["vit-l-14"].text).state_dict()
+    assert infer_text_config(state, None, Layout.SINGLE_FILE) == CONFIGS["vit-l-14"].text
+
+
+@pytest.mark.parametrize("width, heads", [(64, 2), (32, 2)])
+def test_single_file_with_unknown_text_shapes_is_refused_not_guessed(tmp_path, width, heads):
+    """A 2-head quick_gelu tower has the shapes of a 1-head GELU one: no config with these shapes is known, so
+    the file is refused with what cannot be read off; a folder whose config.json says it loads exactly."""
+    hf_config = HFCLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=1, num_attention_heads=heads, hidden_act="quick_gelu")
+    model = randomize(HFCLIPTextModel(hf_config), seed=5)
+    state = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in model.state_dict().items()}
+    path = tmp_path / "odd-sd.safetensors"
+    save_file(single_file_state(state, with_text_model=True), path)
+    with pytest.raises(WeightsError) as error:
+        load_text_encoder(path)
+    message = str(error.value)
+    assert "\n" not in message and "does not split" not in message
+    assert f"width {width}" in message and "matches no known config" in message
+    assert "head count and activation do not show in shapes" in message
+    assert "config.json sets num_attention_heads and hidden_act" in message
+    model.save_pretrained(tmp_path / "text_encoder")
+    loaded = load_text_encoder(tmp_path)  # the fix: a folder whose config.json names heads and activation
+    assert (loaded.config.heads, loaded.config.act) == (heads, "quick_gelu")
+    ids = token_ids(seed=6)
+    with torch.no_grad():
+        assert relative_error(loaded(ids), model(input_ids=ids).last_hidden_state) <= TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------------------

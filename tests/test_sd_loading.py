@@ -4,7 +4,9 @@ Random tiny diffusers models are the reference: saved with ``save_pretrained``, 
 original single-file (ldm) layout by the inverse of the renaming rules, so the loader's rules are
 checked against an independent writing of them. Outputs must match diffusers to 1e-4 relative error (fp32).
 """
+import hashlib
 import json
+import os
 import re
 
 import diffusers
@@ -240,19 +242,20 @@ def test_dtype_and_device_arguments(pipeline_folder):
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    """A tiny transformers CLIP text tower, 64 wide so its heads can be read off the shapes (64 per head)."""
+    """A tiny transformers CLIP text tower in the "test" shapes of model/clip.py, so that a single file, which
+    has no config.json, names its heads and activation by its shapes."""
     import transformers
     torch.manual_seed(1)
-    config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=1, hidden_act="gelu", vocab_size=49408)
+    config = transformers.CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, hidden_act="gelu", vocab_size=49408)
     return transformers.CLIPTextModel(config).eval()
 
 
 @pytest.fixture(scope="module")
 def wide_unet():
-    """A tiny UNet that reads the 64-wide context of ``text_encoder``."""
+    """A tiny UNet that reads the 128-wide context of ``text_encoder``."""
     torch.manual_seed(2)
-    return diffusers.UNet2DConditionModel(**{**TEST_UNET_CONFIG, "cross_attention_dim": 64}).eval()
+    return diffusers.UNet2DConditionModel(**{**TEST_UNET_CONFIG, "cross_attention_dim": 128}).eval()
 
 
 def check_pipeline(pipeline, text_encoder, unet, vae):
@@ -260,7 +263,7 @@ def check_pipeline(pipeline, text_encoder, unet, vae):
     with torch.no_grad():
         assert relative_error(pipeline.text_encoder(ids), text_encoder(ids).last_hidden_state) <= TOLERANCE
         latents, timesteps, _ = unet_inputs(77)
-        context = torch.randn(2, 77, 64)
+        context = torch.randn(2, 77, 128)
         assert relative_error(pipeline.unet(latents, timesteps, context),
                               unet(latents, timesteps, context).sample) <= TOLERANCE
     assert_vae_matches(pipeline.vae, vae)
@@ -281,7 +284,7 @@ def test_load_pipeline_from_folder_and_single_file(reference, text_encoder, wide
     single.update({"cond_stage_model.transformer." + k: v for k, v in text_encoder.state_dict().items()})
     save_file(single, str(tmp_path / "sd.safetensors"))
     pipeline = load_pipeline(tmp_path / "sd.safetensors")
-    assert isinstance(pipeline.tokenizer, CLIPTokenizer)
+    assert isinstance(pipeline.tokenizer, CLIPTokenizer) and pipeline.scheduler_config is None
     check_pipeline(pipeline, text_encoder, wide_unet, vae)
 
 
@@ -295,6 +298,97 @@ def test_load_pipeline_refuses_mismatched_parts(reference, text_encoder, tmp_pat
         load_pipeline(tmp_path)
     with pytest.raises(WeightsError, match="not found"):
         load_pipeline(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def sd_folder(text_encoder, wide_unet, reference, tmp_path_factory):
+    """A whole pipeline folder as diffusers saves it, scheduler/ included."""
+    from model.tokenizer import CLIPTokenizer
+    folder = tmp_path_factory.mktemp("sd")
+    CLIPTokenizer().save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    wide_unet.save_pretrained(folder / "unet")
+    reference[1].save_pretrained(folder / "vae")
+    diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                            skip_prk_steps=True, set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def as_hub_cache_snapshot(folder, cache):
+    """``folder`` laid out as huggingface_hub caches a download: each file a relative link from
+    snapshots/<revision>/ into blobs/<sha256>."""
+    snapshot = cache / "snapshots" / "0123abcd"
+    (cache / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blob = cache / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def test_pipeline_exposes_the_scheduler_config(sd_folder, reference, text_encoder, wide_unet):
+    pipeline = load_pipeline(sd_folder)
+    saved = load_scheduler_config_file(sd_folder)
+    assert pipeline.scheduler_config == saved and saved["timestep_spacing"] == "leading"
+    check_pipeline(pipeline, text_encoder, wide_unet, reference[1])
+
+
+def test_hugging_face_cache_snapshot_loads(sd_folder, reference, text_encoder, wide_unet, tmp_path):
+    snapshot = as_hub_cache_snapshot(sd_folder, tmp_path / "models--someone--tiny-sd")
+    unet_file = snapshot / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet_file.is_symlink() and os.readlink(unet_file).startswith("../../../blobs/")
+    pipeline = load_pipeline(snapshot)
+    check_pipeline(pipeline, text_encoder, wide_unet, reference[1])
+    assert pipeline.scheduler_config == load_pipeline(sd_folder).scheduler_config
+    with pytest.raises(WeightsError, match="not an SD-1.5 pipeline folder"):
+        load_pipeline(tmp_path / "models--someone--tiny-sd")
+
+
+def test_bin_only_folder_loads_through_weights_only_unpickling(sd_folder, reference, text_encoder, wide_unet,
+                                                              tmp_path, monkeypatch):
+    folder = tmp_path / "sd-bin"
+    wide_unet.save_pretrained(folder / "unet", safe_serialization=False)
+    reference[1].save_pretrained(folder / "vae", safe_serialization=False)
+    (folder / "text_encoder").mkdir()  # as transformers 4 wrote it; transformers 5 always writes safetensors
+    torch.save(text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
+    (folder / "text_encoder" / "config.json").write_bytes((sd_folder / "text_encoder" / "config.json").read_bytes())
+    assert not list(folder.rglob("*.safetensors")) and (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    unpickled, real_load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        unpickled.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    check_pipeline(load_pipeline(folder), text_encoder, wide_unet, reference[1])
+    assert unpickled == [True] * 3
+
+
+def test_fp16_variant_folder_loads(sd_folder, reference, text_encoder, wide_unet, tmp_path):
+    """What ``from_pretrained(..., variant="fp16")`` downloads: every weights file named *.fp16.*."""
+    folder = tmp_path / "sd-fp16"
+    for part in ("tokenizer", "text_encoder", "unet", "vae"):
+        for file in (sd_folder / part).iterdir():
+            name = file.name.replace(".safetensors", ".fp16.safetensors")
+            (folder / part).mkdir(parents=True, exist_ok=True)
+            (folder / part / name).write_bytes(file.read_bytes())
+    assert (folder / "text_encoder" / "model.fp16.safetensors").is_file()
+    check_pipeline(load_pipeline(folder), text_encoder, wide_unet, reference[1])
+
+
+def test_a_folder_that_is_not_a_pipeline_gets_one_fix_that_works(sd_folder, tmp_path):
+    for part in ("unet", "text_encoder", "tokenizer"):  # one part of a pipeline: the fix is the folder above it
+        with pytest.raises(WeightsError) as error:
+            load_pipeline(sd_folder / part)
+        message = str(error.value)
+        assert "\n" not in message and "subfolder" not in message and "Pass the folder that holds them" not in message
+        assert message.endswith(f"Pass the pipeline folder that holds it, {sd_folder}.")
+    assert load_pipeline(sd_folder).scheduler_config is not None  # ... and that fix loads
+    (tmp_path / "unrelated" / "unet").mkdir(parents=True)
+    with pytest.raises(WeightsError, match=r"has no text_encoder/, vae/\)\. Pass a diffusers SD-1.5 folder"):
+        load_pipeline(tmp_path / "unrelated")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,6 +408,23 @@ def test_saved_folders_load_in_diffusers(reference, pipeline_folder, tmp_path):
         torch.testing.assert_close(reloaded_vae.encode(image).latent_dist.mean,
                                    reference[1].encode(image).latent_dist.mean, rtol=0, atol=0)
     assert_vae_matches(load_vae(tmp_path), reference[1])
+
+
+def test_exported_scheduler_config_means_sd15s_defaults_to_every_sampler(tmp_path):
+    """train.py's export writes a DDIM config; read by diffusers or by us, DDIM gets SD-1.5's leading steps and
+    the multistep solvers keep their own linspace default (a timestep_spacing key would impose leading on them)."""
+    from model.scheduler import make_sampler
+    weights.write_pipeline_files(tmp_path)
+    config = load_scheduler_config_file(tmp_path)
+    for name, cls in (("ddim", diffusers.DDIMScheduler), ("dpm", diffusers.DPMSolverMultistepScheduler)):
+        reference = cls.from_pretrained(tmp_path / "scheduler")
+        reference.set_timesteps(10)
+        assert make_sampler(name, 10, config).timesteps.tolist() == reference.timesteps.tolist()
+        assert make_sampler(name, 10, config).timesteps.tolist() == make_sampler(name, 10).timesteps.tolist()
+
+
+def load_scheduler_config_file(folder):
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
 
 
 def test_writes_are_atomic(tmp_path):

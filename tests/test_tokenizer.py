@@ -295,6 +295,22 @@ def test_load_tokenizer_reads_the_pipeline_folder_else_bundles(tok, tmp_path):
         assert load_tokenizer(weights).encode("cat") == tok.encode("cat") and len(tok.encode("cat")) == 1
 
 
+def test_load_tokenizer_error_names_a_fix_that_works(tok, tmp_path):
+    """A pipeline folder whose tokenizer/ holds no CLIP tokenizer (here a sentencepiece one). The error must not
+    send the user to the tokenizer/ subfolder (loading from there looks for tokenizer/tokenizer/); its one fix,
+    SD-1.5's tokenizer files in that folder, must then work."""
+    folder = tmp_path / "pipe" / "tokenizer"
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(b"\x00")
+    with pytest.raises(WeightsError) as error:
+        load_tokenizer(tmp_path / "pipe")
+    message = str(error.value)
+    assert "\n" not in message and "subfolder" not in message and "CLIPTokenizer()" not in message
+    assert f"{folder} holds no CLIP tokenizer" in message and "copy those files from SD-1.5's tokenizer/" in message
+    tok.save_pretrained(folder)
+    assert load_tokenizer(tmp_path / "pipe").encode("a red cube") == tok.encode("a red cube")
+
+
 @pytest.mark.parametrize("text", CASES)
 def test_decode(tok, hf, text):
     ids = tok.encode(text)
