@@ -9,6 +9,7 @@ batch, next to its PyTorch twin and a plain device-to-device copy of the same ou
 
     python bench/segment_encode.py                      # CPU, fp32
     python bench/segment_encode.py --device cuda --dtype float16
+    python bench/segment_encode.py --bandwidth-only --small   # the bandwidth table alone (CPU: twin vs copy)
 """
 import argparse
 import statistics
@@ -98,35 +99,51 @@ def bench_encode(args) -> None:
 
 
 def bench_kernel_bandwidth(args) -> None:
-    """Achieved bandwidth of the concatenation kernel vs its twin vs a device-to-device copy of the output."""
-    import triton.testing
+    """Achieved bandwidth of the concatenation kernel vs its twin vs a plain copy of the output, same device.
 
-    dtype, dim, prompts, segments, max_tokens = DTYPES[args.dtype], 768, 256, 10, 240
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(prompts * segments, 77, dim, device="cuda", generator=generator).to(dtype)
-    kept_len = torch.randint(10, 30, (prompts * segments,), device="cuda", generator=generator)
+    On CUDA the kernel runs compiled and triton's ``do_bench`` times it. On the CPU only the twin (the path a
+    CPU takes) and the copy are timed: the interpreter says nothing about the kernel's speed.
+    """
+    device, dtype, dim, max_tokens = args.device, DTYPES[args.dtype], 768, 240
+    prompts, segments = (8, 10) if args.small else (256, 10)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(prompts * segments, 77, dim, generator=generator).to(device, dtype)
+    kept_len = torch.randint(10, 30, (prompts * segments,), generator=generator).to(device)
     kept_start = torch.zeros_like(kept_len)
-    counts = torch.full((prompts,), segments, device="cuda")
-    pad = torch.randn(dim, device="cuda", generator=generator).to(dtype)
-    args_ = (hidden, kept_start, kept_len, counts, pad, max_tokens)
+    counts = torch.full((prompts,), segments, device=device)
+    pad = torch.randn(dim, generator=generator).to(device, dtype)
+    inputs = (hidden, kept_start, kept_len, counts, pad, max_tokens)
 
-    out = concat_segments_triton(*args_)
-    assert torch.equal(out, concat_segments_torch(*args_)), "kernel and twin disagree"
+    out = concat_segments_torch(*inputs)
     rows_read = int(kept_len.view(prompts, segments).sum(1).clamp(max=max_tokens).sum())
     element = hidden.element_size()
     moved = (rows_read + prompts * max_tokens) * dim * element  # read the kept rows, write every output row
     copy_source = torch.empty_like(out)
-    results = [
-        ("concatenation kernel (Triton)", triton.testing.do_bench(lambda: concat_segments_triton(*args_)), moved),
-        ("concatenation twin (PyTorch)", triton.testing.do_bench(lambda: concat_segments_torch(*args_)), moved),
-        ("device-to-device copy of the output", triton.testing.do_bench(lambda: out.copy_(copy_source)),
-         2 * out.numel() * element),
-    ]
+    candidates = {"concatenation twin (PyTorch)": (lambda: concat_segments_torch(*inputs), moved),
+                  "plain copy of the output": (lambda: out.copy_(copy_source), 2 * out.numel() * element)}
+    if device == "cuda":
+        assert torch.equal(concat_segments_triton(*inputs), out), "kernel and twin disagree"
+        candidates = {"concatenation kernel (Triton)": (lambda: concat_segments_triton(*inputs), moved),
+                      **candidates}
+    results = [(label, milliseconds(fn, device, args.repeats), nbytes) for label, (fn, nbytes) in candidates.items()]
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nconcatenation of {prompts} prompts x {segments} segments -> [{prompts}, {max_tokens}, {dim}] "
-          f"{args.dtype}, {torch.cuda.get_device_name()}")
+          f"{args.dtype}, {name}")
     print(f"{'':38s} {'ms':>8s} {'GB/s':>8s}")
     for label, ms, nbytes in results:
         print(f"{label:38s} {ms:8.3f} {nbytes / ms / 1e6:8.1f}")
+    (label, ms, nbytes), (_, copy_ms, copy_bytes) = results[0], results[-1]
+    speed, copy_speed = nbytes / ms / 1e6, copy_bytes / copy_ms / 1e6
+    print(f"summary: {label.split(' (')[0].replace('concatenation', 'concat')} {speed:.1f} GB/s = "
+          f"{100 * speed / copy_speed:.0f}% of a plain copy ({copy_speed:.1f} GB/s), {args.dtype}")
+
+
+def milliseconds(fn, device: str, repeats: int) -> float:
+    """``fn``'s time in ms: triton's ``do_bench`` on CUDA (it flushes the L2 between runs), else the median."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn)
+    return 1e3 * median_seconds(fn, device, repeats)
 
 
 def main() -> None:
@@ -134,11 +151,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median is reported)")
+    parser.add_argument("--bandwidth-only", action="store_true",
+                        help="skip the encode timings and measure only the concatenation's bandwidth (on the CPU: "
+                             "its twin's, against a plain copy)")
+    parser.add_argument("--small", action="store_true", help="a small concatenation batch (8 prompts), for a quick run")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is visible.")
-    bench_encode(args)
-    if args.device == "cuda":
+    if not args.bandwidth_only:
+        bench_encode(args)
+    if args.device == "cuda" or args.bandwidth_only:
         bench_kernel_bandwidth(args)
 
 

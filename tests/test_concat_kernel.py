@@ -1,4 +1,8 @@
-"""The segment-concatenation Triton kernel against its PyTorch twin (TRITON_INTERPRET=1 on CPU)."""
+"""The segment-concatenation Triton kernel against its PyTorch twin.
+
+On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py); with
+LONGALIGN_TEST_DEVICE=cuda the same tests run on the GPU with the kernel compiled.
+"""
 import os
 import subprocess
 import sys
@@ -11,11 +15,15 @@ from model import kernels
 from model.kernels import concat_segments, concat_segments_torch, concat_segments_triton
 
 BLOCK = 77
+DEVICE = torch.device(os.environ.get("LONGALIGN_TEST_DEVICE", "cpu"))  # see conftest.py
 REPO = Path(__file__).resolve().parents[1]
 
 
 def random_layout(runs_per_prompt, dim, dtype=torch.float32, seed=0):
-    """hidden [S, 77, dim] and the kept runs: ``runs_per_prompt`` lists (start, length) per segment, per prompt."""
+    """hidden [S, 77, dim] and the kept runs: ``runs_per_prompt`` lists (start, length) per segment, per prompt.
+
+    Drawn on the CPU, so every device sees the same values, then moved to the test device.
+    """
     generator = torch.Generator().manual_seed(seed)
     runs = [run for prompt in runs_per_prompt for run in prompt]
     hidden = torch.randn(len(runs), BLOCK, dim, generator=generator).to(dtype)
@@ -23,7 +31,7 @@ def random_layout(runs_per_prompt, dim, dtype=torch.float32, seed=0):
     kept_len = torch.tensor([length for _, length in runs], dtype=torch.long)
     counts = torch.tensor([len(prompt) for prompt in runs_per_prompt], dtype=torch.long)
     pad = torch.randn(dim, generator=generator)
-    return hidden, kept_start, kept_len, counts, pad
+    return tuple(tensor.to(DEVICE) for tensor in (hidden, kept_start, kept_len, counts, pad))
 
 
 LAYOUTS = {
@@ -67,6 +75,8 @@ def test_dispatcher_modes(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
     assert kernels.use_triton(cpu) is False  # auto: the twin for CPU tensors
+    if DEVICE.type == "cuda":
+        assert kernels.use_triton(torch.zeros(1, device=DEVICE)) is True  # auto: the kernel for CUDA tensors
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
     assert kernels.use_triton(cpu) is True
     monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
@@ -102,9 +112,9 @@ def test_gradients_use_the_twin(monkeypatch):
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(hidden=a["hidden"][0]), "hidden must be"),
     (lambda a: a.update(kept_len=a["kept_len"][:1]), "kept_start and kept_len"),
-    (lambda a: a.update(segments_per_prompt=torch.tensor([1])), "summing to the 2 segments"),
-    (lambda a: a.update(kept_len=torch.tensor([3, 70])), "inside its 77-token block"),
-    (lambda a: a.update(pad=torch.zeros(3)), "pad must have shape"),
+    (lambda a: a.update(segments_per_prompt=torch.tensor([1], device=DEVICE)), "summing to the 2 segments"),
+    (lambda a: a.update(kept_len=torch.tensor([3, 70], device=DEVICE)), "inside its 77-token block"),
+    (lambda a: a.update(pad=torch.zeros(3, device=DEVICE)), "pad must have shape"),
     (lambda a: a.update(max_tokens=0), "max_tokens must be at least 1"),
 ])
 @pytest.mark.parametrize("fn", [concat_segments_torch, concat_segments_triton])
@@ -119,7 +129,7 @@ def test_bad_layouts_get_clear_errors(fn, change, message):
 
 def test_strided_int32_kept_runs_are_read_as_values():
     """Columns of an int32 [S, 2] table are strided views; the kernel must see their values, not their memory."""
-    kept = torch.tensor([[0, 5], [2, 7], [1, 3]], dtype=torch.int32)
+    kept = torch.tensor([[0, 5], [2, 7], [1, 3]], dtype=torch.int32, device=DEVICE)
     hidden, _, _, counts, pad = random_layout([[(0, 5), (2, 7)], [(1, 3)]], dim=12)
     expected = concat_segments_torch(hidden, kept[:, 0], kept[:, 1], counts, pad, 16)
     assert torch.equal(concat_segments_triton(hidden, kept[:, 0], kept[:, 1], counts, pad, 16), expected)
@@ -127,7 +137,7 @@ def test_strided_int32_kept_runs_are_read_as_values():
 
 def test_strided_int32_segment_counts_are_read_as_values():
     hidden, kept_start, kept_len, _, pad = random_layout([[(0, 5), (2, 7)], [(1, 3)]], dim=12)
-    counts = torch.tensor([[2, 40], [1, 50]], dtype=torch.int32)[:, 0]  # every other int32 of the table
+    counts = torch.tensor([[2, 40], [1, 50]], dtype=torch.int32, device=DEVICE)[:, 0]  # every other int32
     expected = concat_segments_torch(hidden, kept_start, kept_len, counts, pad, 16)
     assert torch.equal(concat_segments_triton(hidden, kept_start, kept_len, counts, pad, 16), expected)
 

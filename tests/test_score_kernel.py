@@ -1,7 +1,10 @@
 """Score projection (LongAlign §4): the Triton kernel against its plain-PyTorch twin, and the maths itself.
 
-The kernel runs under TRITON_INTERPRET=1 (set in conftest.py), so these tests need no GPU.
+On the CPU the kernel runs under TRITON_INTERPRET=1 (set in conftest.py), so these tests need no GPU; with
+LONGALIGN_TEST_DEVICE=cuda they run on the GPU with the kernel compiled.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +15,14 @@ from model.kernels import (ScoreParts, reweighted_text, score_projection, score_
                            score_projection_triton, segment_text_embedding)
 
 OMEGAS = (0.0, 0.3, 1.0)
+DEVICE = torch.device(os.environ.get("LONGALIGN_TEST_DEVICE", "cpu"))  # see conftest.py
 
 
 def random_inputs(batch, segments, width, seed, dtype=torch.float32):
-    """Raw (unnormalized) embeddings, a ragged segment mask with at least one segment per row, and a V."""
+    """Raw (unnormalized) embeddings, a ragged segment mask with at least one segment per row, and a V.
+
+    Drawn on the CPU, so every device sees the same values, then moved to the test device.
+    """
     gen = torch.Generator().manual_seed(seed)
     image = (3 * torch.randn(batch, width, generator=gen)).to(dtype)
     text = torch.randn(batch, segments, width, generator=gen).to(dtype)
@@ -24,7 +31,7 @@ def random_inputs(batch, segments, width, seed, dtype=torch.float32):
     direction = torch.randn(width, generator=gen).to(dtype)
     # give the texts a shared component, as real scorers have (the paper's Figure 2(b): η of 0.3..0.95)
     text = text + 2 * direction
-    return image, text, mask, direction
+    return tuple(tensor.to(DEVICE) for tensor in (image, text, mask, direction))
 
 
 def image_gradient(fn, image, text, mask, direction, omega, upstream):
@@ -38,7 +45,7 @@ def image_gradient(fn, image, text, mask, direction, omega, upstream):
 @pytest.mark.parametrize("batch,segments,width,seed", [(1, 1, 8, 0), (5, 4, 37, 1), (7, 9, 130, 2)])
 def test_kernel_matches_twin_values_and_gradients(batch, segments, width, seed, omega):
     image, text, mask, direction = random_inputs(batch, segments, width, seed)
-    upstream = torch.randn(batch, generator=torch.Generator().manual_seed(seed + 100))
+    upstream = torch.randn(batch, generator=torch.Generator().manual_seed(seed + 100)).to(DEVICE)
     fused, grad_fused = image_gradient(score_projection_triton, image, text, mask, direction, omega, upstream)
     twin, grad_twin = image_gradient(score_projection_torch, image, text, mask, direction, omega, upstream)
     for name in ScoreParts._fields:
@@ -90,7 +97,7 @@ def test_omega_one_reproduces_the_original_gradient(fn):
     x = image.clone().requires_grad_(True)
     reference = (F.cosine_similarity(x[:, None, :], text, dim=-1) * mask).sum(1) / mask.sum(1)
     (expected,) = torch.autograd.grad(reference.sum(), x)
-    _, grad = image_gradient(fn, image, text, mask, direction, 1.0, torch.ones(5))
+    _, grad = image_gradient(fn, image, text, mask, direction, 1.0, torch.ones(5, device=DEVICE))
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -113,9 +120,9 @@ def test_omega_zero_removes_the_gradient_along_v(fn):
     unit_v = F.normalize(direction, dim=0)
     along_v = {}
     for omega in (0.0, 1.0):
-        parts, grad = image_gradient(fn, image, text, mask, direction, omega, torch.ones(6))
+        parts, grad = image_gradient(fn, image, text, mask, direction, omega, torch.ones(6, device=DEVICE))
         along_v[omega] = gradient_at_unit_embedding(image, grad, parts.score) @ unit_v
-    torch.testing.assert_close(along_v[0.0], torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(along_v[0.0], torch.zeros(6, device=DEVICE), atol=1e-5, rtol=0)
     # the control: at ω = 1 the component along V is η itself, far from zero for these texts
     torch.testing.assert_close(along_v[1.0], parts.eta, atol=1e-5, rtol=1e-4)
     assert parts.eta.abs().min() > 0.3
@@ -145,8 +152,9 @@ def test_masked_out_slots_are_ignored_even_when_garbage():
 def test_half_precision_inputs_keep_their_dtype_for_the_gradient():
     image, text, mask, direction = random_inputs(3, 2, 64, 11)
     half = [t.half() if t.is_floating_point() else t for t in (image, text, mask, direction)]
-    parts, grad = image_gradient(score_projection_triton, *half, 0.3, torch.ones(3))
-    twin, grad_twin = image_gradient(score_projection_torch, *half, 0.3, torch.ones(3))
+    upstream = torch.ones(3, device=DEVICE)
+    parts, grad = image_gradient(score_projection_triton, *half, 0.3, upstream)
+    twin, grad_twin = image_gradient(score_projection_torch, *half, 0.3, upstream)
     assert grad.dtype == torch.float16 and parts.score.dtype == torch.float32
     torch.testing.assert_close(parts.score, twin.score, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad, grad_twin, atol=1e-3, rtol=1e-2)
@@ -160,7 +168,7 @@ def test_dispatcher_follows_the_environment(monkeypatch):
     monkeypatch.setenv("LONGALIGN_KERNELS", "triton")
     with pytest.raises(ValueError, match="no gradient to the text side"):
         score_projection(image, text, mask, direction, 0.3)
-    monkeypatch.setenv("LONGALIGN_KERNELS", "auto")  # CPU tensors: the twin
+    monkeypatch.setenv("LONGALIGN_KERNELS", "auto")  # the twin: for CPU tensors, or for text with grad
     score_projection(image, text, mask, direction, 0.3)
 
 
@@ -182,22 +190,24 @@ def test_bad_inputs_get_clear_errors(fn, change, message):
 def test_offsets_past_two_to_the_31_elements():
     """Row 1's last segment starts (1·1025 + 1024)·2²⁰ > 2³¹ elements in: an int32 offset would wrap.
 
-    ``torch.empty`` only reserves address space, and the kernel skips masked-out segments, so the 8 GiB storage
-    costs a few MiB of real memory. The text starts 2³¹ elements into it: a wrapped offset then reads (zeros)
-    from inside our own allocation instead of crashing the test.
+    On the CPU ``torch.empty`` only reserves address space, and the kernel skips masked-out segments, so the
+    8 GiB storage costs a few MiB of real memory (on a GPU it is a real 8 GiB allocation). The text starts 2³¹
+    elements into it: a wrapped offset then reads (zeros on the CPU, leftovers on a GPU) from inside our own
+    allocation instead of crashing the test.
     """
     batch, segments, width = 2, 1025, 2 ** 20
     try:
-        storage = torch.empty(2 ** 31 + batch * segments * width, dtype=torch.float16)
+        storage = torch.empty(2 ** 31 + batch * segments * width, dtype=torch.float16, device=DEVICE)
     except RuntimeError as refused:  # a machine that will not overcommit memory
         pytest.skip(f"cannot reserve 8 GiB of address space here: {refused}")
     text = storage[2 ** 31:].view(batch, segments, width)
     small_image, small_text, _, direction = random_inputs(batch, 1, width, 14, dtype=torch.float16)
     text[0, 0], text[1, -1] = small_text[0, 0], small_text[1, 0]
-    mask = torch.zeros(batch, segments, dtype=torch.bool)
+    mask = torch.zeros(batch, segments, dtype=torch.bool, device=DEVICE)
     mask[0, 0] = mask[1, -1] = True
     fused = score_projection_triton(small_image, text, mask, direction, 0.3)
-    twin = score_projection_torch(small_image, small_text, torch.ones(batch, 1, dtype=torch.bool), direction, 0.3)
+    one_segment = torch.ones(batch, 1, dtype=torch.bool, device=DEVICE)
+    twin = score_projection_torch(small_image, small_text, one_segment, direction, 0.3)
     for name in ScoreParts._fields:
         torch.testing.assert_close(getattr(fused, name), getattr(twin, name), atol=1e-4, rtol=1e-3, msg=name)
 
@@ -233,7 +243,8 @@ def test_the_five_outputs_are_independent_tensors():
     for name in ScoreParts._fields[1:]:
         getattr(parts, name).mul_(2)  # e.g. a caller rescaling a reported value in place
     parts.score.sum().backward()
-    _, expected = image_gradient(score_projection_torch, image, text, mask, direction, 0.3, torch.ones(3))
+    _, expected = image_gradient(score_projection_torch, image, text, mask, direction, 0.3,
+                                 torch.ones(3, device=DEVICE))
     torch.testing.assert_close(image.grad, expected, atol=1e-6, rtol=1e-5)
 
 
