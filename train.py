@@ -37,6 +37,7 @@ from model.lora import (inject_lora, load_lora_state_dict, lora_state_dict, merg
                         stack_loras)
 from model.lora_formats import lora_metadata, save_lora_file
 from model.preference import KINDS, Scorer, direction_path, load_direction
+from model.scheduler import read_scheduler_config, scheduler_options
 from model.t5 import (ADAPTER_CONFIGS, CLIPT5Encoder, TextAdapter, load_adapter, load_t5, load_t5_tokenizer,
                       save_adapter)
 from model.tokenizer import load_tokenizer
@@ -351,6 +352,8 @@ def main(argv=None) -> list[dict]:
     try:
         check_args(args)
         env = runtime.setup_env(args.device, args.precision)
+        # both losses assume SD-1.5's ε-prediction and noise schedule: refuse weights whose scheduler says otherwise
+        scheduler_options("ddim", read_scheduler_config(args.weights))
         runtime.seed_everything(args.seed)  # the same initial weights on every rank
         if args.stage == "sft":
             dataset = data.image_dataset(args.data, args.resolution, args.caption_dropout, args.seed)

@@ -3,8 +3,9 @@ stage's gradient has exactly the structure LongAlign §4 describes (checked on t
 calls), a stopped-and-resumed run equals an uninterrupted one, and bad input gets a one-line error with exit
 code 2."""
 import json
-import re
 import os
+import re
+import shutil
 import signal
 
 import numpy as np
@@ -23,7 +24,7 @@ from model.diffusion import DDIMSampler, NoiseSchedule, denoising_loss, gradient
 from model.kernels import score_projection
 from model.longtext import LongPromptEncoder
 from model.lora import inject_lora, load_lora, lora_layers, merge_and_unload
-from model.preference import Scorer
+from model.preference import Scorer, save_direction
 from model.tokenizer import CLIPTokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, posterior_sample
@@ -399,8 +400,6 @@ def test_a_warmup_longer_than_the_run_is_said(world, tmp_path, capsys):
 
 
 def test_reward_takes_the_direction_beside_the_scorer_as_score_py_does(world, tmp_path, capsys):
-    import shutil
-    from model.preference import save_direction
     scorer_dir = tmp_path / "scorer"
     shutil.copytree(world / "scorer", scorer_dir)
     scorer = Scorer.load(scorer_dir)
@@ -409,3 +408,18 @@ def test_reward_takes_the_direction_beside_the_scorer_as_score_py_does(world, tm
     args[args.index("--scorer") + 1] = str(scorer_dir)
     train.main(args)
     assert f"common direction V: {scorer_dir / 'direction.safetensors'}" in capsys.readouterr().out
+
+
+def test_weights_whose_scheduler_predicts_v_are_refused(world, tmp_path, capsys):
+    pipe = tmp_path / "pipe"
+    shutil.copytree(world / "pipe", pipe)
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction"}))
+    args = tiny_args(world, tmp_path / "out", "sft", "--steps", "1")
+    args[args.index("--weights") + 1] = str(pipe)
+    with pytest.raises(SystemExit) as exited:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "prediction_type" in err and "v_prediction" in err
