@@ -1,19 +1,24 @@
 """Datasets: long-caption image sets and prompt lists, and the ``--data`` specs the training script reads.
 
 - CaptionImageDataset: the layouts people already have for long-caption training data (LongAlign's stage 1
-  trains on such image-caption pairs): a JSONL manifest of {"image": path, "caption": text}, or a folder of
-  images with same-named .txt captions. Images are resized (shorter side) and centre-cropped to the training
-  resolution and mapped to [-1, 1]; captions are dropped to "" at a fixed rate (10% in the authors' runs) for
-  classifier-free guidance.
+  trains on such image-caption pairs): a JSONL or CSV manifest with an image path ("image", or "path" as in the
+  authors' released dataset) and a "caption" per row, or a folder of images with same-named .txt captions.
+  Images are resized (shorter side) and centre-cropped to the training resolution and mapped to [-1, 1];
+  captions lose every "\n\n" (as the authors' training code does) and are dropped to "" at a fixed rate (10% in
+  the authors' runs) for classifier-free guidance.
+- ShardDataset: the same pairs in WebDataset-style tar shards, split over ranks and loader workers.
 - PromptDataset: prompts only, for the reward stage (LongAlign §4 needs prompts, not images).
 - image_dataset / prompt_dataset / first_captions / validation_prompts / validation_images /
-  default_resolution: what a ``--data`` spec means. A path is one of the layouts above; ``shapes`` or ``shapes:N`` is the miniature's
-  synthetic world (``mini/world.py``), made on the fly.
+  default_resolution: what a ``--data`` spec means. A path is one of the layouts above; ``shapes`` or
+  ``shapes:N`` is the miniature's synthetic world (``mini/world.py``), made on the fly.
 
 Every image dataset item is a dict {"image": FloatTensor [3, H, W] in [-1, 1], "caption": str}.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -23,14 +28,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from model import shards
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # every image file read
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Shared pieces: preprocessing and caption dropout
-# ----------------------------------------------------------------------------------------------------------
+# ---- Shared pieces: preprocessing and caption dropout ----
 
 def resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to ``resolution`` (bicubic), then cut the central square (the authors' SFT
@@ -67,31 +72,41 @@ def check_resolution(resolution: int) -> None:
                          f"{resolution}. Try {max(8, round(resolution / 8) * 8)}.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Long-caption image datasets
-# ----------------------------------------------------------------------------------------------------------
+# ---- Long-caption image datasets ----
 
 @dataclass(frozen=True)
 class Record:
-    image: Path
+    image: Path  # or a shards.TarMember, which opens and answers is_file() as a Path does
     caption: str
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad image
+SIZE_SAMPLE = 100  # image headers read at construction to say how many images are upscaled
+
+
+def clean_caption(text: str) -> str:
+    """A caption as trained on: without outer blanks, and with each paragraph break "\n\n" made one space.
+    The authors' training code deletes it outright; their sentence split cuts at every ".", so nothing merges
+    for them, but split_sentences wants a blank after a full stop, so a space keeps "red.\n\nIt" two segments."""
+    return text.replace("\n\n", " ").strip()
+
+
 class CaptionImageDataset(torch.utils.data.Dataset):
-    """Image-caption pairs from a JSONL manifest or a folder of images with same-named .txt files.
+    """Image-caption pairs from a JSONL/CSV manifest or a folder of images with same-named .txt files.
 
     Bad records never stop an epoch and are never silent. Missing files and empty captions are found up
     front (cheaply: existence and text only) and skipped with one warning that gives the count. An image that
     turns out to be unreadable at read time is replaced by the next readable record, and each one found is
-    logged with the running count. Call ``set_epoch`` each epoch so caption dropout varies between epochs.
+    logged with the running count. Images smaller than the resolution are upscaled; one line at construction
+    says how many of the first ones are. Call ``set_epoch`` each epoch so caption dropout varies between epochs.
     """
 
-    def __init__(self, source: str | Path, resolution: int, caption_dropout: float = 0.1, seed: int = 0):
+    def __init__(self, source, resolution: int, caption_dropout: float = 0.1, seed: int = 0,
+                 image_root: str | Path | None = None):
         check_resolution(resolution)
         check_caption_dropout(caption_dropout)
         self.resolution, self.caption_dropout, self.seed, self.epoch = resolution, caption_dropout, seed, 0
-        source = Path(source)
-        records = read_manifest(source) if source.is_file() else read_caption_folder(source)
+        records, source = self.find_records(source, image_root), self.label(source)
         self.records = [r for r in records if r.caption and r.image.is_file()]
         skipped = len(records) - len(self.records)
         if not self.records:
@@ -101,7 +116,20 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             examples = [str(r.image) for r in records if not (r.caption and r.image.is_file())][:3]
             log.warning("%s: skipped %d of %d records (missing image file or empty caption), e.g. %s",
                         source, skipped, len(records), ", ".join(examples))
+        note_upscaled(self.records[:SIZE_SAMPLE], resolution)
         self.unreadable: set[int] = set()
+
+    def find_records(self, source, image_root) -> list[Record]:
+        """Every record of a manifest (relative paths under ``image_root``, default its folder) or a folder."""
+        source = Path(source)
+        if source.is_file():
+            return read_manifest(source, image_root)
+        refuse_image_root(image_root, f"a folder of images ({source})")
+        return read_caption_folder(source)
+
+    def label(self, source) -> str:
+        """How messages name the data."""
+        return str(source)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -127,20 +155,44 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"none of the {len(self.records)} images could be read; see the warnings above.")
 
     def _read(self, index: int) -> Image.Image | None:
-        path = self.records[index].image
+        source = self.records[index].image
         try:
-            with Image.open(path) as image:
+            with source.open("rb") as file, Image.open(file) as image:
                 image.load()
                 return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             self.unreadable.add(index)
             log.warning("unreadable image %s (%s): replaced by another record; %d unreadable so far in this "
-                        "process", path, err, len(self.unreadable))
+                        "process", source, err, len(self.unreadable))
             return None
 
 
-def read_manifest(path: Path) -> list[Record]:
-    """Records of a JSONL manifest; image paths are relative to the manifest's folder (or absolute)."""
+def refuse_image_root(image_root: str | Path | None, layout: str) -> None:
+    if image_root is not None:
+        raise ValueError(f"an image root only applies to a JSONL or CSV manifest, not to {layout}; leave it out")
+
+
+def note_upscaled(records: list[Record], resolution: int) -> None:
+    """One line (never one per image) when images of ``records`` are smaller than the training resolution:
+    resize_and_center_crop upscales them, which trains on blur. Only headers are read (PIL decodes lazily)."""
+    small = 0
+    for record in records:
+        with contextlib.suppress(*UNREADABLE), record.image.open("rb") as file, Image.open(file) as image:
+            small += min(image.size) < resolution
+    if small:
+        log.warning("note: %d of the first %d images are smaller than %d px on the shorter side and are upscaled",
+                    small, len(records), resolution)
+
+
+MANIFEST_HELP = {".csv": "a CSV manifest needs the columns path (or image) and caption",
+                 ".jsonl": 'every line must look like {"image": "relative/path.png", "caption": "..."} ("path" '
+                           'may stand for "image")'}
+
+
+def read_manifest(path: Path, image_root: Path | None = None) -> list[Record]:
+    """Records of a JSONL manifest, or of a CSV one with a header row (.csv); an image path is read from
+    "image" or "path" (the authors' release), and a relative one resolves against ``image_root`` (default: the
+    manifest's folder)."""
     if not path.is_file():
         raise ValueError(f"manifest not found: {path}. Pass a JSONL file with one "
                          '{"image": "relative/path.png", "caption": "..."} object per line.')
@@ -148,29 +200,39 @@ def read_manifest(path: Path) -> list[Record]:
         raise ValueError(f"{path} is a text file, but images are needed here: pass a JSONL manifest with one "
                          '{"image": "relative/path.png", "caption": "..."} object per line, or a folder of images '
                          "with same-named .txt captions (a list of prompts is only for the reward stage).")
+    csv_file, root = path.suffix.lower() == ".csv", path.parent if image_root is None else Path(image_root)
     records = []
-    for number, entry in json_lines(path):
-        missing = [key for key in ("image", "caption") if key not in entry]
+    for number, entry in (csv_rows(path) if csv_file else json_lines(path)):
+        key = next((k for k in ("image", "path") if entry.get(k) is not None), None)
+        missing = [name for name, found in (("'image'", key), ("'caption'", "caption" in entry)) if not found]
         if missing:
-            raise ValueError(f"{path} line {number}: missing key {' and '.join(map(repr, missing))}; every "
-                             'line must look like {"image": "relative/path.png", "caption": "..."}.')
-        records.append(Record(path.parent / str(entry["image"]), str(entry["caption"]).strip()))
+            raise ValueError(f"{path} line {number}: missing key {' and '.join(missing)}; "
+                             f"{MANIFEST_HELP['.csv' if csv_file else '.jsonl']}.")
+        records.append(Record(root / str(entry[key]), clean_caption(str(entry["caption"] or ""))))
     return records
+
+
+def csv_rows(path: Path):
+    """(line number, row as a dict of the header's columns) for every row of a CSV file."""
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = csv.DictReader(file)
+        for row in rows:
+            yield rows.line_num, row
 
 
 def read_caption_folder(folder: Path) -> list[Record]:
     """Records of a folder (searched recursively): each image with the text of the same-named .txt file."""
     if not folder.is_dir():
-        raise ValueError(f"data source not found: {folder}. Pass a JSONL manifest or a folder of images with "
-                         "same-named .txt captions.")
+        raise ValueError(f"data source not found: {folder}. Pass a JSONL or CSV manifest, tar shards, or a folder "
+                         "of images with same-named .txt captions.")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ValueError(f"no images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}).")
-    return [Record(p, _read_text(p.with_suffix(".txt"))) for p in images]
+    return [Record(p, clean_caption(_read_text(p.with_suffix(".txt")))) for p in images]
 
 
 def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
 
 
 def json_lines(path: Path):
@@ -190,6 +252,49 @@ def json_line(line: str, path: Path, number: int) -> dict:
     if not isinstance(entry, dict):
         raise ValueError(f"{path} line {number}: expected a JSON object, got {type(entry).__name__}.")
     return entry
+
+
+# ---- WebDataset-style tar shards ----
+
+class ShardDataset(CaptionImageDataset):
+    """Image-caption pairs in tar shards (model/shards.py), preprocessed as CaptionImageDataset's files are.
+
+    The shards are indexed once at construction (tar headers and captions, never image data) and items are
+    then read by offset. The other design, a streaming IterableDataset, needs no index and no seekable file,
+    but each rank then takes as many batches as its shards hold, and a resume must replay every worker's
+    position. The index costs one pass over the headers at start in every process (about a minute per
+    million samples from a warm local disk) and holds every caption in memory, as a manifest does; in exchange
+    ``epoch_order`` is an exact, equal split over ranks and workers, and a resume is the existing skip of
+    used batches.
+    """
+
+    def __init__(self, tars: list[Path], resolution: int, caption_dropout: float = 0.1, seed: int = 0,
+                 image_root: str | Path | None = None):
+        super().__init__(tars, resolution, caption_dropout, seed, image_root)
+        owners = [record.image.shard for record in self.records]
+        self.sizes = [sum(1 for _ in group) for _, group in itertools.groupby(owners)]
+
+    def find_records(self, source: list[Path], image_root) -> list[Record]:
+        refuse_image_root(image_root, "tar shards")
+        return [Record(member, clean_caption(caption)) for shard in source
+                for member, caption in shards.read_shard(shard, IMAGE_SUFFIXES)]
+
+    def label(self, source: list[Path]) -> str:
+        return f"{source[0]}" if len(source) == 1 else f"the {len(source)} shards {source[0]} .. {source[-1]}"
+
+    def epoch_order(self, epoch: int, seed: int, batch_size: int, workers: int, rank: int, world: int) -> list[int]:
+        """This rank's item indices in ``epoch``, batch after batch (see model/shards.py ``epoch_split``)."""
+        return shards.epoch_split(self.sizes, epoch, seed, batch_size, workers, rank, world)
+
+
+def data_order(dataset, batch_size: int, workers: int, world: int) -> dict:
+    """The settings besides the seed that fix a dataset's order, for a resume to refuse changing them: none
+    for a map of items (DistributedSampler's global order is one for any number of ranks); ranks, workers and
+    batch size for shards, which are split over them. Shards that give no batch raise a ValueError here."""
+    if not isinstance(dataset, ShardDataset):
+        return {}
+    dataset.epoch_order(0, 0, batch_size, workers, 0, world)  # the same number of batches for all ranks, epochs
+    return {"ranks": world, "workers": workers, "batch_size": batch_size}
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -226,9 +331,7 @@ def _jsonl_prompts(path: Path) -> list[str]:
     return prompts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# --data specs: a path, or the miniature's shapes world ("shapes", "shapes:N")
-# ----------------------------------------------------------------------------------------------------------
+# ---- --data specs: a path, or the miniature's shapes world ("shapes", "shapes:N") ----
 # mini.world is imported inside these functions, not at the top: it builds on this module's preprocessing
 # and caption dropout, and data on disk never needs the miniature.
 
@@ -250,11 +353,18 @@ def shapes_count(spec: str | Path) -> int | None:
     return int(count)
 
 
-def image_dataset(spec: str | Path, resolution: int, caption_dropout: float, seed: int) -> torch.utils.data.Dataset:
-    """The image-caption pairs a spec names: the shapes world's first N training scenes, or files on disk."""
+def image_dataset(spec: str | Path, resolution: int, caption_dropout: float, seed: int,
+                  image_root: str | Path | None = None) -> torch.utils.data.Dataset:
+    """The image-caption pairs a spec names: the shapes world's first N training scenes, tar shards (a brace
+    pattern such as ``shards/train-{00000..00099}.tar``, one ``.tar``, or a folder of them), or a manifest
+    (relative image paths under ``image_root``, default its folder) or image folder."""
     count = shapes_count(spec)
+    tars = shards.shard_paths(spec) if count is None else None
+    if tars is not None:
+        return ShardDataset(tars, resolution, caption_dropout, seed, image_root)
     if count is None:
-        return CaptionImageDataset(spec, resolution, caption_dropout, seed)
+        return CaptionImageDataset(spec, resolution, caption_dropout, seed, image_root)
+    refuse_image_root(image_root, "the shapes world")
     from mini import world
     if resolution != world.CANVAS:
         raise ValueError(f"the shapes world is {world.CANVAS}×{world.CANVAS} pixels, not {resolution}; "

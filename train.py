@@ -70,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", required=True, help="sft (stage 1) or reward (stage 2)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, metrics, outputs, samples")
     p.add_argument("--data", required=True,
-                   help="sft: a JSONL manifest of {image, caption} or an image folder with .txt captions; reward: a "
-                        "prompt file (.txt one per line, or .jsonl); or the miniature's world (see mini/README.md)")
+                   help="sft: a JSONL/CSV manifest with image (or path) and caption, an image folder with .txt "
+                        "captions, or WebDataset tar shards (shards/train-{00000..00099}.tar, one .tar, or a folder "
+                        "of them); reward: a prompt file (.txt one per line, or .jsonl); or the miniature's world "
+                        "(see mini/README.md)")
+    p.add_argument("--image-root", type=Path, help="sft: the folder relative image paths of a manifest resolve "
+                                                   "against (default: the manifest's folder)")
     p.add_argument("--resolution", type=int, help="image side (default: 512, or the miniature world's 64)")
 
     g = p.add_argument_group("models")
@@ -356,7 +360,8 @@ def main(argv=None) -> list[dict]:
         scheduler_options("ddim", read_scheduler_config(args.weights))
         runtime.seed_everything(args.seed)  # the same initial weights on every rank
         if args.stage == "sft":
-            dataset = data.image_dataset(args.data, args.resolution, args.caption_dropout, args.seed)
+            dataset = data.image_dataset(args.data, args.resolution, args.caption_dropout, args.seed,
+                                         image_root=args.image_root)
         else:
             dataset = data.prompt_dataset(args.data)
         runtime.check_dataset_size(dataset, args.batch_size, env)
@@ -380,6 +385,7 @@ def main(argv=None) -> list[dict]:
         signature = {"stage": args.stage, "data": str(args.data), "seed": args.seed, "grad_accum": args.grad_accum,
                      "global_batch": args.batch_size * env.world, "full": args.full, "lora_rank": args.lora_rank,
                      "t5": args.t5 is not None}
+        signature.update(data.data_order(dataset, args.batch_size, args.workers, env.world))  # shards: their split
         trained = nn.ModuleDict({"unet": unet, "adapter": adapter}) if args.stage == "sft" and adapter else unet
         state = runtime.start_training(trained, args, signature, env)
     except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback

@@ -230,10 +230,13 @@ def endless_batches(dataset, position: DataPosition, batch_size: int, seed: int,
     while True:
         if hasattr(dataset, "set_epoch"):  # caption dropout varies with the epoch
             dataset.set_epoch(position.epoch)
-        sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed,
-                                     drop_last=True)
-        sampler.set_epoch(position.epoch)
-        remaining = list(sampler)[position.batches * batch_size:]
+        if hasattr(dataset, "epoch_order"):  # tar shards: split over ranks and loader workers, as exactly
+            order = dataset.epoch_order(position.epoch, seed, batch_size, workers, env.rank, env.world)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=env.world, rank=env.rank, seed=seed, drop_last=True)
+            sampler.set_epoch(position.epoch)
+            order = list(sampler)
+        remaining = order[position.batches * batch_size:]
         loader = DataLoader(dataset, batch_size, sampler=remaining, collate_fn=collate, drop_last=True,
                             num_workers=workers, generator=torch.Generator().manual_seed(seed))
         for batch in loader:

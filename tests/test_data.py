@@ -209,3 +209,46 @@ def test_a_path_spec_reads_files(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="prompt file not found"):
         prompt_dataset(tmp_path / "missing.txt")
+
+
+def test_the_releases_columns_in_jsonl_and_csv_with_an_image_root(tmp_path):
+    solid(tmp_path / "images" / "x" / "a.png", (255, 0, 0))
+    solid(tmp_path / "images" / "b.png", (0, 0, 255))
+    (tmp_path / "lists").mkdir()
+    jsonl = write_manifest(tmp_path / "lists" / "train.jsonl", [
+        {"path": "x/a.png", "caption": "A red square.\n\nIt is red."},
+        {"path": str(tmp_path / "images" / "b.png"), "caption": "Blue."},  # absolute paths stay as they are
+    ])
+    csv_file = tmp_path / "lists" / "train.csv"
+    csv_file.write_text('path,caption\nx/a.png,"A red square.\n\nIt is red."\nb.png,Blue.\n', encoding="utf-8")
+    for manifest in (jsonl, csv_file):
+        images = image_dataset(manifest, 8, caption_dropout=0.0, seed=0, image_root=tmp_path / "images")
+        assert first_captions(images, 2) == ["A red square. It is red.", "Blue."]  # "\n\n" made a space
+        torch.testing.assert_close(images[0]["image"][:, 4, 4], torch.tensor([1.0, -1.0, -1.0]))
+    beside = tmp_path / "beside.csv"  # without an image root, paths are relative to the manifest's folder
+    beside.write_text("image,caption,width\nimages/b.png,Blue.,24\n", encoding="utf-8")
+    assert first_captions(image_dataset(beside, 8, 0.0, 0), 1) == ["Blue."]
+    no_caption = tmp_path / "bad.csv"
+    no_caption.write_text("path,text\nimages/b.png,Blue.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.csv line 2: missing key 'caption'; a CSV manifest needs the columns"):
+        image_dataset(no_caption, 8, 0.0, 0)
+    with pytest.raises(ValueError, match="image root only applies to a JSONL or CSV manifest, not to a folder"):
+        image_dataset(tmp_path / "images", 8, 0.0, 0, image_root=tmp_path)
+
+
+def test_small_images_are_said_to_be_upscaled_once_per_dataset(tmp_path, caplog):
+    for i in range(120):
+        solid(tmp_path / "small" / f"{i:03d}.png", (i, 0, 0), size=(12, 30))
+        (tmp_path / "small" / f"{i:03d}.txt").write_text(f"caption {i}")
+    solid(tmp_path / "small" / "large.png", (0, 0, 0), size=(16, 40))
+    (tmp_path / "small" / "large.txt").write_text("large")
+    with caplog.at_level(logging.WARNING):
+        data = CaptionImageDataset(tmp_path / "small", resolution=16, caption_dropout=0.0)
+        for i in range(len(data)):
+            assert data[i]["image"].shape == (3, 16, 16)
+    notes = [r.message for r in caplog.records]
+    assert notes == ["note: 100 of the first 100 images are smaller than 16 px on the shorter side and are upscaled"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        CaptionImageDataset(tmp_path / "small", resolution=8, caption_dropout=0.0)
+    assert not caplog.records  # nothing to say when every image is large enough
