@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 import warnings
@@ -168,6 +169,11 @@ def check_args(args) -> None:
                  "save_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, smallest in (("lr", 0.0), ("grad_clip", 0.0), ("adam_eps", 0.0), ("weight_decay", None), ("cfg", None)):
+        value = getattr(args, name)  # NaN fails both comparisons, so it is refused too
+        if not (math.isfinite(value) and (value > smallest if smallest is not None else value >= 0)):
+            bound = "positive" if smallest is not None else "at least 0"
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, {bound}; got {value}")
     if args.encoding not in ENCODINGS:
         raise ValueError(f"--encoding {args.encoding} is not known; use --encoding segment (LongAlign §3; "
                          "'concat' was its old name) or --encoding truncate")

@@ -332,6 +332,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     ("weights path", "weights file not found"),
     ("resolution", "multiple of 8"),
     ("decay after the end", "--decay-from must be a step in [0, --steps=1)"),
+    ("nan learning rate", "--lr must be a finite number, positive; got nan"),
+    ("infinite guidance", "--cfg must be a finite number, at least 0; got inf"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, problem, expected):
     args = tiny_args(world, tmp_path / "out", "sft", "--steps", "1")
@@ -345,6 +347,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(world, tmp_path, capsys, probl
         args[args.index("--weights") + 1] = str(tmp_path / "no-such-model")
     elif problem == "resolution":
         args[args.index("--resolution") + 1] = "20"
+    elif problem == "nan learning rate":
+        args += ["--lr", "nan"]
+    elif problem == "infinite guidance":
+        args += ["--cfg", "inf"]
     else:
         args += ["--decay-from", "1"]
     with pytest.raises(SystemExit) as exited:
