@@ -38,6 +38,7 @@ from model.lora import (inject_lora, load_lora_state_dict, lora_state_dict, merg
                         stack_loras)
 from model.lora_formats import lora_metadata, save_lora_file
 from model.preference import KINDS, Scorer, direction_path, load_direction
+from model.record import TRAINING_RECORD_FILE
 from model.scheduler import read_scheduler_config, scheduler_options
 from model.t5 import (ADAPTER_CONFIGS, CLIPT5Encoder, TextAdapter, load_adapter, load_t5, load_t5_tokenizer,
                       save_adapter)
@@ -55,7 +56,6 @@ STAGE_DEFAULTS = {
 }
 ENCODINGS = ("segment", "truncate")
 SCORER_CROP = 504 / 512  # the official reward preprocessing crops 504 of 512 pixels before resizing
-TRAINING_RECORD = "longalign.json"  # sample.py reads the encoding a pipeline was trained with from here
 
 
 def by_stage(key: str) -> str:
@@ -352,7 +352,7 @@ def export_pipeline(unet, adapter, args, sft_lora: dict | None, folder: Path) ->
     save_text_encoder(load_text_encoder(args.weights).text_model, folder / "text_encoder")
     load_tokenizer(args.weights).save_pretrained(folder / "tokenizer")
     write_pipeline_files(folder)
-    write_json(folder / TRAINING_RECORD, {"encoding": args.encoding, "max_tokens": args.max_tokens,
+    write_json(folder / TRAINING_RECORD_FILE, {"encoding": args.encoding, "max_tokens": args.max_tokens,
                                           "t5": args.t5 is not None})
 
 

@@ -365,7 +365,8 @@ def load_adapter(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     state = read_state_dict(find_file(folder, ADAPTER_FILES, "adapter"))
     with torch.device("meta"):
         adapter = TextAdapter(cfg)
-    return load_strict(adapter.to_empty(device=device or "cpu"), state, Layout.DIFFUSERS, dtype, device)
+    # eval: its dropout is for SFT only (train.py switches it on there), never for sampling
+    return load_strict(adapter.to_empty(device=device or "cpu"), state, Layout.DIFFUSERS, dtype, device).eval()
 
 
 def save_adapter(adapter: TextAdapter, folder: str | os.PathLike) -> None:
@@ -408,6 +409,10 @@ class CLIPT5Encoder:
     def context_length(self) -> int:
         return self.clip.context_length + T5_MAX_TOKENS
 
+    @property
+    def strategy(self) -> str:
+        return self.clip.strategy
+
     def plan(self, prompt: str):
         return self.clip.plan(prompt)  # what the CLIP half keeps; T5 reads the whole caption up to 240 ids
 
@@ -415,3 +420,22 @@ class CLIPT5Encoder:
         clip_rows = self.clip(prompts)  # [B, 240, D]
         t5_rows = t5_context(self.tokenizer, self.t5, self.adapter, prompts)  # [B, 240, D]
         return torch.cat([clip_rows, t5_rows.to(clip_rows.dtype)], dim=1)  # [B, 480, D]
+
+
+LONGSD_ADAPTERS = ("s28750_adapter", "adapter")  # the authors' release, then what train.py --t5 writes
+LONGSD_LORAS = ("s28750_lora_vis.pt", "sd15-reward-3750.pt")  # SFT, then reward (trained on SFT merged)
+
+
+def longsd_files(folder: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The adapter folder and the LoRA files, in merge order, of a LongSD folder: the authors' release
+    (s28750_adapter/, s28750_lora_vis.pt then sd15-reward-3750.pt), or a ``train.py --t5`` run or export
+    (adapter/, and lora.safetensors unless the UNet is merged already)."""
+    folder = Path(folder)
+    adapters = [folder / name for name in LONGSD_ADAPTERS if (folder / name).is_dir()]
+    if not adapters:
+        raise WeightsError(f"{folder} holds no {' or '.join(f'{n}/' for n in LONGSD_ADAPTERS)} adapter folder; pass "
+                           "the released LongSD folder, or a train.py --t5 run folder")
+    loras = [folder / name for name in LONGSD_LORAS if (folder / name).is_file()]
+    if not loras and (folder / "lora.safetensors").is_file():
+        loras = [folder / "lora.safetensors"]
+    return adapters[0], loras

@@ -80,8 +80,9 @@ def tiny_sd(reference):
 
 
 def run_sample(prompt, weights, out, *options):
+    """fp32, as diffusers' reference runs; the CPU default may be bf16 (tests/test_sample_batch.py)."""
     sample.main([prompt, "--weights", str(weights), "--out", str(out), "--height", "32", "--width", "32",
-                 "--steps", "1", *map(str, options)])
+                 "--steps", "1", "--dtype", "fp32", *map(str, options)])
 
 
 def pixels(path):
@@ -99,8 +100,9 @@ def pixels(path):
 ])
 def test_image_equals_diffusers(reference, tmp_path, sampler, cfg, batch, negative, steps):
     pipe, folder = reference
-    if sampler == "dpm":  # the same models with DPM-Solver++(2M) at diffusers' defaults
-        dpm = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if sampler == "dpm":  # the same models with DPM-Solver++(2M), from the saved folder's scheduler config
+        # (its timestep_spacing "leading" is written in the file, so diffusers honours it, and so do we)
+        dpm = diffusers.DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
         pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": dpm})
         pipe.set_progress_bar_config(disable=True)
     prompt, seed = "a red cube on a blue sphere, studio light", 7
@@ -112,7 +114,7 @@ def test_image_equals_diffusers(reference, tmp_path, sampler, cfg, batch, negati
     out = tmp_path / "image.png"
     sample.main([prompt, "--weights", str(folder), "--out", str(out), "--height", "32", "--width", "32",
                  "--steps", str(steps), "--cfg", str(cfg), "--seed", str(seed), "--sampler", sampler,
-                 "--batch", str(batch), "--negative", negative, "--encoding", "truncate"])
+                 "--batch", str(batch), "--negative", negative, "--encoding", "truncate", "--dtype", "fp32"])
     paths = [out] if batch == 1 else [tmp_path / f"image-{i}.png" for i in range(batch)]
     for path, image in zip(paths, expected):
         ours = pixels(path)
@@ -247,8 +249,10 @@ BAD_INPUTS = {
                               "AutoencoderKL"),
     "corrupt file": (lambda sd, tmp: ["x", "--weights", broken_folder(sd, tmp, "truncated")],
                      "truncated or corrupt"),
-    "height not a multiple of 8": (lambda sd, tmp: ["x", "--weights", sd, "--height", "30"], "multiple of 8"),
-    "width not a multiple of 8": (lambda sd, tmp: ["x", "--weights", sd, "--width", "0"], "multiple of 8"),
+    # the tiny VAE has two blocks, so it downsamples by 2 (SD-1.5's four by 8, the miniature's three by 4)
+    "height not a multiple of the VAE's factor": (lambda sd, tmp: ["x", "--weights", sd, "--height", "31"],
+                                                  "multiple of the VAE's downsample factor 2"),
+    "width not positive": (lambda sd, tmp: ["x", "--weights", sd, "--width", "0"], "--width must be a positive"),
     "no steps": (lambda sd, tmp: ["x", "--weights", sd, "--steps", "0"], "--steps must be between 1 and 999"),
     "output under a file": (lambda sd, tmp: ["x", "--weights", sd, "--out", tmp / "file.txt" / "out.png"],
                             "choose another --out"),
@@ -258,7 +262,7 @@ BAD_INPUTS = {
     "record not json": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, "{encoding: segment")],
                         "is not a valid LongAlign record"),
     "record's sampler unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
-        {"encoding": "segment", "sampling": {"sampler": "euler"}}))], "a sampler in ['ddim', 'dpm']"),
+        {"encoding": "segment", "sampling": {"sampler": "euler"}}))], "a sampler in ['ddim', 'dpm', 'unipc']"),
     "record's encoding under its old name": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
         {"encoding": "concat"}))], "'concat' is now called 'segment'"),
     "encoding under its old name": (lambda sd, tmp: ["x", "--weights", sd, "--encoding", "concat"],
@@ -268,7 +272,17 @@ BAD_INPUTS = {
     "record's steps not an integer": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
         {"sampling": {"steps": "ten"}}))], "integer steps in 1..999"),
     "record's entry unknown": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
-        {"sampling": {"eta": 0.5}}))], "may hold only ['cfg', 'sampler', 'steps']"),
+        {"sampling": {"eta": 0.5}}))], "may hold only ['cfg', 'dtype', 'sampler', 'steps']"),
+    # no silent garbage: a guidance scale that is not a number would write a black PNG or turn CFG off
+    "cfg infinite": (lambda sd, tmp: ["x", "--weights", sd, "--cfg", "inf"], "--cfg: expected a finite number"),
+    "cfg not a number": (lambda sd, tmp: ["x", "--weights", sd, "--cfg", "nan"], "--cfg: expected a finite number"),
+    "steps not a number": (lambda sd, tmp: ["x", "--weights", sd, "--steps", "nan"], "--steps: invalid int value"),
+    "seed beyond the generator's range": (lambda sd, tmp: ["x", "--weights", sd, "--seed", str(2 ** 64)],
+                                          "--seed must be a whole number in [-2**63, 2**64)"),
+    "record's cfg not a number": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"sampling": {"cfg": float("nan")}}))], "a finite cfg"),
+    "record's dtype only for CUDA": (lambda sd, tmp: ["x", "--weights", with_record(sd, tmp, json.dumps(
+        {"sampling": {"dtype": "fp16"}}))], "a dtype in ['bf16', 'fp32']"),
 }
 
 
@@ -307,7 +321,8 @@ def test_help_explains_the_options(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--weights", "--lora", "--negative", "--steps", "--cfg", "--seed", "--sampler", "--height",
-                   "--batch", "--out", "--encoding", "--max-tokens", "--dtype", "segment encoding"):
+                   "--batch", "--out", "--encoding", "--max-tokens", "--dtype", "segment encoding", "--prompts",
+                   "--out-dir", "--batch-size"):
         assert option in text
 
 

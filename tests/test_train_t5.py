@@ -1,15 +1,17 @@
 """train.py on the released LongSD's CLIP+T5 path (tiny random models, CPU): SFT trains the UNet LoRA and
-the TextAdapter on the 480-row context, the reward stage keeps the adapter frozen, and a stopped run resumes
-exactly."""
+the TextAdapter on the 480-row context, the reward stage keeps the adapter frozen, sample.py --longsd samples
+the result, and a stopped run resumes exactly."""
 import json
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import sample
 import train
 from model.t5 import CONFIGS, AdapterConfig, T5EncoderModel, TextAdapter, load_adapter, save_adapter
 from test_t5 import build_t5_tokenizer
@@ -56,6 +58,13 @@ def test_sft_trains_lora_and_adapter_then_reward_keeps_the_adapter(world, tmp_pa
     assert all(np.isfinite(losses(records)))
     kept = load_adapter(reward / "adapter")  # the run folder holds what sample.py --longsd reads
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in kept.state_dict().items())
+
+    out = tmp_path / "sample.png"
+    sample.main(["A red cube sits on a table. It is small.", "--weights", str(world / "pipe"), "--longsd",
+                 str(reward), "--t5", str(world / "t5"), "--steps", "2", "--height", "16", "--width", "16",
+                 "--dtype", "fp32", "--out", str(out)])
+    text = Image.open(out).text["parameters"]
+    assert "Sampler: UNIPC" in text and f"LongSD: {reward.name}" in text
 
 
 def test_t5_sft_resumes_exactly(world, tmp_path):
