@@ -207,7 +207,8 @@ def pick_device(args):
         raise ValueError("--dtype fp16 needs CUDA; on the CPU the model runs in bf16 or fp32")
     if args.dtype is None:
         flag = None if device.type == "cuda" else native_bf16_flag()
-        args.dtype = "fp16" if device.type == "cuda" else "bf16" if flag else "fp32"
+        cuda_default = "bf16" if args.longsd else "fp16"  # the release samples in bf16
+        args.dtype = cuda_default if device.type == "cuda" else "bf16" if flag else "fp32"
         if flag and first_rank():
             print(f"precision: bf16, which this CPU computes natively ({flag}); --dtype fp32 for full precision")
     return device, DTYPES[args.dtype]
@@ -275,6 +276,8 @@ def text_encoder_for(args, pipe: Pipeline, strategy: str, dtype):
     if args.longsd is None:
         return clip
     device = next(pipe.unet.parameters()).device
+    if dtype == torch.float16 and first_rank():
+        print("note: T5 runs in bf16, not the fp16 asked for: its activations overflow fp16", file=sys.stderr)
     t5 = load_t5(args.t5, dtype=torch.bfloat16 if dtype == torch.float16 else dtype, device=device)
     adapter = load_adapter(longsd_files(args.longsd)[0], dtype=dtype, device=device)
     return CLIPT5Encoder(clip, load_t5_tokenizer(args.t5), t5, adapter)

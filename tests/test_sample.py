@@ -6,6 +6,7 @@ config. It is saved with save_pretrained, and sample.py loads that folder. With 
 sampler, the PNG must equal diffusers' image to within 1/255 per pixel (fp32): the only differences allowed
 are float rounding (our schedule is float64, diffusers' float32) landing on the other side of a .5.
 """
+import copy
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ import transformers
 from PIL import Image
 
 import sample
-from model.lora import inject_lora, merge_and_unload, save_lora
+from model.lora import inject_lora, lora_state_dict, merge_and_unload, save_lora
+from model.lora_formats import lora_metadata, save_lora_file
 from model.tokenizer import CLIPTokenizer
 from model.unet import UNet2DConditionModel
 from model.weights import load_unet, save_unet_diffusers
@@ -225,6 +227,32 @@ def test_lora_is_applied(tiny_sd, tmp_path):
     assert np.abs(pixels(tmp_path / "lora.png") - pixels(tmp_path / "merged.png")).max() <= 1
     assert np.abs(pixels(tmp_path / "lora.png") - pixels(tmp_path / "base.png")).max() > 10
     assert "LoRA: style.safetensors" in Image.open(tmp_path / "lora.png").text["parameters"]
+
+
+
+def test_a_lora_file_we_write_loads_in_diffusers_and_gives_the_same_image(reference, tmp_path):
+    """The kohya-named file train.py writes (save_lora_file with its metadata) loads through diffusers'
+    StableDiffusionPipeline.load_lora_weights (peft installed), and both pipelines draw the same image."""
+    pipe, folder = reference
+    unet = load_unet(folder)
+    inject_lora(unet, rank=4, alpha=8)
+    generator = torch.Generator().manual_seed(4)
+    for name, param in unet.named_parameters():
+        if "lora_up" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    path = tmp_path / "lora.safetensors"
+    save_lora_file(lora_state_dict(unet), path, lora_metadata("tiny_sd", "truncate", 240, "sft", t5=False))
+    theirs = diffusers.StableDiffusionPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+    theirs.load_lora_weights(str(tmp_path), weight_name=path.name)
+    theirs.set_progress_bar_config(disable=True)
+    prompt, seed = "a cat on a red sofa", 11
+    expected = theirs(prompt, num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+                      generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    run_sample(prompt, folder, tmp_path / "ours.png", "--steps", 2, "--seed", seed, "--lora", path)
+    ours, base = pixels(tmp_path / "ours.png"), (expected * 255).round().astype(np.int16)
+    assert np.abs(ours - base).max() <= 1
+    run_sample(prompt, folder, tmp_path / "plain.png", "--steps", 2, "--seed", seed)
+    assert np.abs(pixels(tmp_path / "plain.png") - base).max() > 10  # the LoRA really changed the image
 
 
 # ---------------------------------------------------------------------------------------------------------
