@@ -2,8 +2,10 @@
 
 Times, in one run and with the same text encoder (the full ViT-L/14 text tower of SD-1.5, random weights):
   - the plain SD-1.5 encode of the prompt cut to 77 tokens ("truncate"),
-  - the segment encode of a ~230-token, 10-sentence prompt ("segment", the paper's variant),
-  - the two parts of the segment encode on their own: the batched encoder forward and the concatenation.
+  - the segment encode of a ~230-token, 10-sentence prompt ("segment", the paper's variant), which encodes
+    each sentence only as far as the longest kept run (the encoder is causal),
+  - the two parts of the segment encode on their own: the batched encoder forward and the concatenation,
+and the floor of the ratio: the context rows really kept, over 77.
 With ``--device cuda`` it also measures the concatenation kernel's achieved memory bandwidth on a large
 batch, next to its PyTorch twin and a plain device-to-device copy of the same output.
 
@@ -12,9 +14,12 @@ batch, next to its PyTorch twin and a plain device-to-device copy of the same ou
     python bench/segment_encode.py --bandwidth-only --small   # the bandwidth table alone (CPU: twin vs copy)
 """
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.clip import CONFIGS, CLIPTextModel  # noqa: E402
 from model.kernels import concat_segments, concat_segments_torch, concat_segments_triton, use_triton  # noqa: E402
-from model.longtext import LongPromptEncoder  # noqa: E402
+from model.longtext import DroppedTokensWarning, LongPromptEncoder, encoded_length  # noqa: E402
 from model.tokenizer import CLIPTokenizer  # noqa: E402
 
 PROMPT = (
@@ -46,18 +51,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def median_seconds(fn, device: str, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
+    return interleaved_medians([fn], device, repeats)[0]
+
+
+def interleaved_medians(fns, device: str, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns`` over ``repeats`` rounds that run them in turn (reversing the order
+    every other round), after one warm-up round: load on a shared machine then hits all of them alike."""
+    def timed(fn) -> float:
         start = time.perf_counter()
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    for fn in fns:
+        timed(fn)
+    times = [[] for _ in fns]
+    for repeat in range(repeats):
+        order = list(range(len(fns))) if repeat % 2 == 0 else list(reversed(range(len(fns))))
+        for i in order:
+            times[i].append(timed(fns[i]))
+    return [statistics.median(t) for t in times]
 
 
 def bench_encode(args) -> None:
@@ -69,33 +82,46 @@ def bench_encode(args) -> None:
     plain = LongPromptEncoder(tokenizer, text_encoder, strategy="truncate")
     plan = segment.plan(PROMPT)
     n_tokens = len(tokenizer.encode(PROMPT))
+    kept_rows = min(segment.context_length, sum(length for _, length in plan.kept))
+    length = encoded_length(plan.kept)
 
-    ids = torch.tensor(plan.blocks, device=device)  # [segments, 77]
+    ids = torch.tensor([block[:length] for block in plan.blocks], device=device)  # [segments, length]
     with torch.no_grad():
         hidden = text_encoder(ids)
     kept = torch.tensor(plan.kept, device=device)
     counts = torch.tensor([len(plan.blocks)], device=device)
     pad = segment.pad_star()
 
-    rows = []
-    with torch.no_grad():
-        rows.append(("plain encode, 77 tokens (truncate)", 1,
-                     median_seconds(lambda: plain([PROMPT]), device, args.repeats)))
-        rows.append((f"segment encode, {segment.context_length} tokens (segment)", len(plan.blocks),
-                     median_seconds(lambda: segment([PROMPT]), device, args.repeats)))
-        rows.append(("  of which: encoder forward", len(plan.blocks),
-                     median_seconds(lambda: text_encoder(ids), device, args.repeats)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DroppedTokensWarning)  # truncate drops most of the prompt, as it should
+        plain_s, segment_s = interleaved_medians([lambda: plain([PROMPT]), lambda: segment([PROMPT])], device,
+                                                 args.repeats)
+        rows = [("plain encode, 77 tokens (truncate)", 1, 77, plain_s),
+                (f"segment encode, {segment.context_length} tokens (segment)", len(plan.blocks), length, segment_s),
+                ("  of which: encoder forward", len(plan.blocks), length,
+                 median_seconds(lambda: text_encoder(ids), device, args.repeats))]
         which = "kernel" if use_triton(hidden) else "twin"
-        rows.append((f"  of which: concatenation ({which})", len(plan.blocks), median_seconds(
+        rows.append((f"  of which: concatenation ({which})", len(plan.blocks), length, median_seconds(
             lambda: concat_segments(hidden, kept[:, 0], kept[:, 1], counts, pad, 240), device, args.repeats)))
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"ViT-L/14 text encoder, random weights, {args.dtype}, {name}")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"ViT-L/14 text encoder, random weights, {args.dtype}, {name}; load average {os.getloadavg()[0]:.2f}")
     print(f"prompt: {n_tokens} tokens, {plan.segments} sentences -> {plan.tokens_used} tokens used, "
-          f"{plan.tokens_dropped} dropped")
-    print(f"{'':42s} {'blocks':>6s} {'ms':>9s} {'x plain':>8s}")
-    for label, blocks, seconds in rows:
-        print(f"{label:42s} {blocks:6d} {seconds * 1e3:9.2f} {seconds / rows[0][2]:8.2f}")
+          f"{plan.tokens_dropped} dropped; medians of {args.repeats}, plain and segment interleaved")
+    print(f"{'':42s} {'blocks':>6s} {'length':>6s} {'ms':>9s} {'x plain':>8s}")
+    for label, blocks, positions, seconds in rows:
+        print(f"{label:42s} {blocks:6d} {positions:6d} {seconds * 1e3:9.2f} {seconds / rows[0][3]:8.2f}")
+    print(f"segment / plain: {segment_s / plain_s:.2f}   floor (kept rows / 77): {kept_rows} / 77 = "
+          f"{kept_rows / 77:.2f}   encoded positions / 77: {len(plan.blocks) * length / 77:.2f}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def bench_kernel_bandwidth(args) -> None:

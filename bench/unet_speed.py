@@ -1,12 +1,31 @@
 """Time our SD-1.5 UNet against diffusers' UNet2DConditionModel: same full config, same random weights.
 
-    python bench/unet_speed.py                              # CPU fp32, batch 2 (as with CFG), 64×64 latents
-    python bench/unet_speed.py --device cuda --dtype fp16   # on a GPU
+    python bench/unet_speed.py                              # CPU: diffusers fp32 vs ours fp32 and bf16
+    python bench/unet_speed.py --device cuda --dtype fp16   # on a GPU: diffusers fp32 vs ours fp32 and fp16
 
-Both models are timed in the same run, interleaved and alternating which goes first, so that machine load
-hits both alike; each figure is the median over ``--repeats`` forwards after ``--warmup`` untimed ones.
+diffusers runs as a user runs it: eager, contiguous, fp32. Ours runs as sample.py runs it: channels-last
+(``model.unet.prefer_channels_last``), in fp32 and in the half dtype (bf16 on a CPU: only worth it where the
+CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
+(its own allocator and thread pool, as one sampling process would have), and they run one forward each in
+turn, alternating the order, so that load from other programs on the machine hits all of them alike. Each
+figure is the median over ``--repeats`` forwards after one untimed forward; the table gives wall time and
+the process's CPU time (user + system), which other programs disturb less than the wall clock. Every worker
+runs with ``OMP_WAIT_POLICY=PASSIVE``, so that a thread waiting for another sleeps instead of spinning and the
+CPU time counts work only.
+
+``--compile`` times ours under ``torch.compile(fullgraph=True)`` instead, with inductor's freezing on the CPU
+(the weights become constants that oneDNN lays out once, not at every call; the frozen copy doubles ours'
+memory); the compile itself, a minute or two on a CPU, happens in the untimed forward.
+
+``--keep-freed-memory`` starts our workers with glibc told to keep freed memory for reuse (its
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``): by default every large activation of a forward
+is fresh memory from the kernel, and its page faults cost about a tenth of an fp32 forward on the CPU.
 """
 import argparse
+import multiprocessing
+import os
+import platform
+import resource
 import statistics
 import sys
 import time
@@ -16,68 +35,144 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: find model/
 
-import diffusers  # noqa: E402  (the reference; only this benchmark and the tests import it)
-
-from model.convert import unet_config_to_diffusers  # noqa: E402
-from model.unet import CONFIGS, UNet2DConditionModel  # noqa: E402
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--device", default="cpu")
-parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-parser.add_argument("--batch", type=int, default=2)
-parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px images)")
-parser.add_argument("--context", type=int, default=77, help="context tokens (77 plain SD, 240 LongAlign)")
-parser.add_argument("--warmup", type=int, default=1)
-parser.add_argument("--repeats", type=int, default=3)
-args = parser.parse_args()
-device, dtype = torch.device(args.device), DTYPES[args.dtype]
-diffusers.utils.logging.set_verbosity_error()  # its warning about .to(dtype) does not apply to a plain UNet
-
-# diffusers' model with random weights; ours shares the very same tensors (assign=True: no second copy).
-torch.manual_seed(0)
-sd15 = unet_config_to_diffusers(CONFIGS["sd15"])
-theirs = diffusers.UNet2DConditionModel(**{k: v for k, v in sd15.items() if not k.startswith("_")})
-theirs = theirs.to(device=device, dtype=dtype).eval()
-with torch.device("meta"):
-    ours = UNet2DConditionModel()
-ours.load_state_dict(theirs.state_dict(), assign=True)
-ours.eval()
-
-generator = torch.Generator().manual_seed(0)
-latents = torch.randn(args.batch, 4, args.size, args.size, generator=generator).to(device, dtype)
-context = torch.randn(args.batch, args.context, 768, generator=generator).to(device, dtype)
-timesteps = torch.full((args.batch,), 500, device=device)
-runs = {"ours": lambda: ours(latents, timesteps, context),
-        "diffusers": lambda: theirs(latents, timesteps, context).sample}
+# glibc keeps blocks up to 32 MB (its maximum) in the heap and never trims the heap's top.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
-def timed(run) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def build(kind: str, dtype: torch.dtype, device: str):
+    """(forward function, model) for one contender; both models start from diffusers' seeded random init."""
+    import diffusers  # the reference; only the benchmarks and the tests import it
+
+    from model.convert import unet_config_to_diffusers
+    from model.unet import UNet2DConditionModel, prefer_channels_last
+    diffusers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = {k: v for k, v in unet_config_to_diffusers(UNet2DConditionModel().config).items() if k[0] != "_"}
+    theirs = diffusers.UNet2DConditionModel(**config).eval()
+    if kind == "diffusers":
+        theirs.to(device=device, dtype=dtype)
+        return (lambda x, t, c: theirs(x, t, c).sample), theirs
+    with torch.device("meta"):
+        ours = UNet2DConditionModel()
+    ours.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in theirs.state_dict().items()}, assign=True)
+    del theirs
+    ours = prefer_channels_last(ours.eval())
+    if kind == "compiled":
+        if device == "cpu":
+            import torch._inductor.config
+            torch._inductor.config.freezing = True  # inference only: the weights are read once, at compile time
+        return torch.compile(ours, fullgraph=True), ours
+    return ours, ours
 
 
-with torch.inference_mode():
-    difference = (runs["ours"]() - runs["diffusers"]()).abs().max().item()
-    for _ in range(args.warmup):
-        for run in runs.values():
-            run()
-    times = {name: [] for name in runs}
-    for repeat in range(args.repeats):
-        for name in (["ours", "diffusers"] if repeat % 2 == 0 else ["diffusers", "ours"]):
-            times[name].append(timed(runs[name]))
+def worker(connection, kind: str, dtype_name: str, args) -> None:
+    """Build one contender, then answer "out" (its output) and "run" (time one forward) until "stop"."""
+    dtype, device = DTYPES[dtype_name], args.device
+    forward, _ = build(kind, dtype, device)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch, 4, args.size, args.size, generator=generator).to(device, dtype)
+    context = torch.randn(args.batch, args.context, 768, generator=generator).to(device, dtype)
+    timesteps = torch.full((args.batch,), 500, device=device)
+    connection.send("ready")
+    with torch.inference_mode():
+        forward(latents, timesteps, context)  # warm-up
+        for command in iter(connection.recv, "stop"):
+            if command == "out":
+                connection.send(forward(latents, timesteps, context).float().cpu())
+                continue
+            start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            forward(latents, timesteps, context)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            end = resource.getrusage(resource.RUSAGE_SELF)
+            connection.send((time.perf_counter() - start,
+                             end.ru_utime - cpu.ru_utime + end.ru_stime - cpu.ru_stime))
 
-name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-print(f"SD-1.5 UNet forward: {name}, {args.dtype}, batch {args.batch}, latents {args.size}×{args.size}, "
-      f"context {args.context}; median of {args.repeats} after {args.warmup} warm-up")
-print(f"{'model':<10} {'median s':>9} {'min s':>8}")
-for name, values in times.items():
-    print(f"{name:<10} {statistics.median(values):>9.3f} {min(values):>8.3f}")
-ratio = statistics.median(times["ours"]) / statistics.median(times["diffusers"])
-print(f"ratio ours / diffusers: {ratio:.3f}  (max |difference| of outputs: {difference:.2e})")
+
+def start_workers(contenders: list[tuple[str, str]], args) -> dict:
+    """One process per contender, started one after the other (each briefly holds two copies of the UNet)."""
+    context = multiprocessing.get_context("spawn")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when a worker's OpenMP starts
+    workers, environment = {}, dict(os.environ)
+    for kind, dtype in contenders:
+        ours_end, theirs_end = context.Pipe()
+        process = context.Process(target=worker, args=(theirs_end, kind, dtype, args), daemon=True)
+        if kind != "diffusers" and args.keep_freed_memory:
+            os.environ.update(KEEP_FREED_MEMORY)  # a spawned process starts with the environment of now
+        process.start()
+        os.environ.clear()
+        os.environ.update(environment)
+        if not ours_end.poll(1800) or ours_end.recv() != "ready":
+            sys.exit(f"error: the {kind} {dtype} worker did not start")
+        workers[f"{'ours compiled' if kind == 'compiled' else kind} {dtype}"] = (process, ours_end)
+    return workers
+
+
+def ask(connection, command: str):
+    connection.send(command)
+    if not connection.poll(1800):
+        sys.exit("error: a worker stopped answering (out of memory?)")
+    return connection.recv()
+
+
+def measure(workers: dict, repeats: int) -> dict:
+    """Interleaved rounds, the order reversed every other round: {name: [(wall s, cpu s), ...]}."""
+    times = {name: [] for name in workers}
+    names = list(workers)
+    for repeat in range(repeats):
+        for name in (names if repeat % 2 == 0 else names[::-1]):
+            times[name].append(ask(workers[name][1], "run"))
+    return times
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "CPU"
+    return f"{name}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+
+
+def report(args, times: dict, differences: dict, load_before: str) -> None:
+    print(f"SD-1.5 UNet forward: {machine(args.device)} (before: {load_before}); batch {args.batch}, latents "
+          f"{args.size}×{args.size}, context {args.context}; medians of {args.repeats}, interleaved"
+          + ("; ours keep freed memory" if args.keep_freed_memory else ""))
+    print(f"{'contender':<18} {'wall s':>8} {'x diffusers':>11} {'cpu s':>8} {'x diffusers':>11} {'max |diff|':>10}")
+    reference = next(iter(times))
+    wall0 = statistics.median(t[0] for t in times[reference])
+    cpu0 = statistics.median(t[1] for t in times[reference])
+    for name, values in times.items():
+        wall, cpu = statistics.median(t[0] for t in values), statistics.median(t[1] for t in values)
+        print(f"{name:<18} {wall:>8.3f} {wall / wall0:>11.3f} {cpu:>8.3f} {cpu / cpu0:>11.3f} "
+              f"{differences[name]:>10.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="ours' half dtype")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px images)")
+    parser.add_argument("--context", type=int, default=77, help="context tokens (77 plain SD, 240 LongAlign)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc keeps freed memory in our workers")
+    parser.add_argument("--compile", action="store_true", help="time ours compiled (fullgraph, frozen on a CPU)")
+    args = parser.parse_args()
+    load_before = f"load average {os.getloadavg()[0]:.2f}"
+    ours = "compiled" if args.compile else "ours"
+    workers = start_workers([("diffusers", "fp32"), (ours, "fp32"), (ours, args.dtype)], args)
+    outputs = {name: ask(connection, "out") for name, (_, connection) in workers.items()}
+    reference = outputs["diffusers fp32"]
+    differences = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
+    times = measure(workers, args.repeats)
+    for _, connection in workers.values():
+        connection.send("stop")
+    report(args, times, differences, load_before)
+
+
+if __name__ == "__main__":
+    main()

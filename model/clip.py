@@ -188,6 +188,17 @@ class CLIPEncoder(nn.Module):
 # Text tower
 # ----------------------------------------------------------------------------------------------------------
 
+def trimmed_length(rows: int, max_positions: int) -> int:
+    """How many leading positions to encode when only the first ``rows`` text states are read.
+
+    The text tower is causal (state i sees tokens 0..i), so later positions cannot change the states read.
+    Rounding up to a multiple of 16 (at most ``max_positions``) leaves a compiled encoder few shapes (16, 32,
+    48, 64, 77) and the attention kernels the vector lanes of the full length: on one CPU thread the states
+    read are bit for bit those of all positions (a threaded BLAS may split small sums differently).
+    """
+    return min(max_positions, -(-rows // 16) * 16)
+
+
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -223,11 +234,20 @@ class CLIPTextTransformer(nn.Module):
         The first, because SD-1.5 pads with ``<eot>`` too; ``argmax`` over a bool mask returns the first hit.
         """
         is_eot = ids == self.config.eot_id
-        if not bool(is_eot.any(dim=1).all()):
+        if not torch.compiler.is_compiling() and not bool(is_eot.any(dim=1).all()):  # a data read: eager only
             raise ValueError(f"every row of ids needs an <eot> ({self.config.eot_id}) to pool at; frame the "
                              "texts with the tokenizer, which ends each one with it")
         first_eot = is_eot.int().argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eot]
+
+    def pooled_length(self, ids: torch.Tensor) -> int:
+        """The positions of ids [B, L] that :meth:`pool` reads through: each row's first ``<eot>``, rounded by
+        :func:`trimmed_length`; all L for a row without one (pool says so) and in a compiled graph."""
+        if torch.compiler.is_compiling() or not ids.numel():
+            return ids.shape[1]
+        is_eot = ids == self.config.eot_id
+        ends = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1) + 1, ids.shape[1])
+        return trimmed_length(int(ends.max()), ids.shape[1])
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         cfg = self.config
@@ -236,7 +256,8 @@ class CLIPTextTransformer(nn.Module):
         if ids.shape[1] > cfg.max_positions:
             raise ValueError(f"{ids.shape[1]} tokens do not fit the text encoder's {cfg.max_positions} "
                              "positions; split the text (model/longtext.py) or truncate it")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+        if not torch.compiler.is_compiling() and ids.numel() and (  # reads the data: not in a compiled graph
+                int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in 0..{cfg.vocab_size - 1}; got {int(ids.min())}..{int(ids.max())}")
 
 
@@ -315,7 +336,12 @@ class CLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] -> text embeddings [B, projection_dim], projected, NOT normalized."""
+        """Token ids [B, L] -> text embeddings [B, projection_dim], projected, NOT normalized.
+
+        Encodes only through the latest first ``<eot>`` (``pooled_length``): 20 tokens cost 32 positions, not 77.
+        """
+        if ids.dim() == 2:  # other shapes go on to the text tower's own error
+            ids = ids[:, :self.text_model.pooled_length(ids)]
         return self.text_projection(self.text_model.pool(self.text_model(ids), ids))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

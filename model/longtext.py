@@ -13,7 +13,9 @@ concatenates the encodings into one longer context for the UNet's cross-attentio
 
     context:    [sot] a red fox sits . [sot] it is snowing ! <pad*> <pad*> ... <pad*>   (max_tokens rows)
 
-Because CLIP is causal, every kept <sot> row is the same vector: it works as a separator. <pad*> is one
+Because CLIP is causal, every kept <sot> row is the same vector: it works as a separator. For the same
+reason the dropped rows after a kept run cannot change it, so the encoder runs only as far as the longest
+kept run of the batch (about 32 of the 77 positions for sentences of ~25 tokens). <pad*> is one
 fixed vector, the mean of rows 17..76 of the empty prompt's encoding. The empty prompt gives
 [sot] + <pad*>..., which is the unconditional context for classifier-free guidance, so the conditional and
 unconditional contexts always have the same length.
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.clip import trimmed_length
 from model.kernels import concat_segments
 from model.tokenizer import CONTEXT_LENGTH, frame
 
@@ -141,7 +144,8 @@ def sentence_segments(tokenizer, text: str, merge_short: bool = False) -> list[l
 class PromptPlan:
     """How one prompt becomes its context rows.
 
-    ``blocks`` are the 77-id rows fed to the text encoder; from block i the context keeps encoder rows
+    ``blocks`` are the 77-id rows of the text encoder's input (it sees their first :func:`encoded_length`
+    ids); from block i the context keeps encoder rows
     ``kept[i] = (start, length)``. ``segments`` counts the text segments (or chunks) that reached the
     context; ``tokens_used``/``tokens_dropped`` count the prompt's content tokens that did/did not fit.
     """
@@ -195,6 +199,18 @@ def plan_chunks(ids: list[int], n_chunks: int) -> PromptPlan:
     used = sum(len(chunk) for chunk in chunks)
     blocks = [frame(chunk) for chunk in chunks + [[]] * (n_chunks - len(chunks))]
     return PromptPlan(blocks, [(0, CONTEXT_LENGTH)] * n_chunks, len(chunks), used, len(ids) - used)
+
+
+def encoded_length(kept: list[tuple[int, int]]) -> int:
+    """How many leading positions of the blocks the text encoder must see to give every kept row.
+
+    CLIP's text encoder is causal: a row depends on the tokens at or before it only, so the rows after the
+    longest kept run in the batch cannot change a kept row. Under segment and no-sot a sentence keeps about
+    25 of its block's 77 rows, so about a third of the positions are encoded; keep-all, chunk75 and
+    truncate keep whole blocks (77). The length is rounded up to a multiple of 16 by
+    ``model.clip.trimmed_length``.
+    """
+    return trimmed_length(max(start + length for start, length in kept), CONTEXT_LENGTH)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,7 +274,11 @@ class LongPromptEncoder:
         return self._pad_star.to(device=weight.device, dtype=weight.dtype)
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        """Contexts ``[B, context_length, D]`` for ``prompts``; all segments go through ONE encoder forward."""
+        """Contexts ``[B, context_length, D]`` for ``prompts``; all segments go through ONE encoder forward.
+
+        The forward sees only the leading positions that a kept row can depend on (see
+        :func:`encoded_length`); the contexts are those of encoding every block at all 77 positions.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -266,9 +286,11 @@ class LongPromptEncoder:
         plans = [self.plan(prompt) for prompt in prompts]
         self._warn_if_dropped(plans)
         device = next(self.text_encoder.parameters()).device
-        ids = torch.tensor([block for plan in plans for block in plan.blocks], device=device)  # [S, 77]
-        hidden = self.text_encoder(ids)  # [S, 77, D]
-        kept = torch.tensor([run for plan in plans for run in plan.kept], device=device)  # [S, 2]
+        runs = [run for plan in plans for run in plan.kept]
+        length = encoded_length(runs)
+        ids = torch.tensor([block[:length] for plan in plans for block in plan.blocks], device=device)  # [S, length]
+        hidden = self.text_encoder(ids)  # [S, length, D]
+        kept = torch.tensor(runs, device=device)  # [S, 2]
         counts = torch.tensor([len(plan.blocks) for plan in plans], device=device)
         return concat_segments(hidden, kept[:, 0], kept[:, 1], counts, self.pad_star(), self.context_length)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.unet import Downsample, ResnetBlock2D, UNetAttention, Upsample, maybe_checkpoint
+from model.unet import Downsample, ResnetBlock2D, UNetAttention, Upsample, add_residual, maybe_checkpoint, silu
 
 EPS = 1e-6  # every GroupNorm in the VAE
 
@@ -62,7 +61,7 @@ class SpatialSelfAttention(UNetAttention):
         batch, channels, height, width = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
         out = super().forward(tokens).transpose(1, 2).reshape(batch, channels, height, width)
-        return x + out
+        return add_residual(out, x)
 
 
 class VAEMidBlock(nn.Module):
@@ -129,7 +128,7 @@ class VAEEncoder(nn.Module):
         h = self.conv_in(x)
         for block in [*self.down_blocks, self.mid_block]:
             h = maybe_checkpoint(self.gradient_checkpointing, block, h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))
 
 
 class VAEDecoder(nn.Module):
@@ -152,7 +151,7 @@ class VAEDecoder(nn.Module):
         h = self.conv_in(z)
         for block in [self.mid_block, *self.up_blocks]:
             h = maybe_checkpoint(self.gradient_checkpointing, block, h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
@@ -202,12 +201,12 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,3,H,W] in [-1, 1] -> (mean, logvar), each [B,4,H/8,W/8]; logvar clamped to (-30, 20)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(x)).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent z [B,4,h,w] -> image [B,3,8h,8w], roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).contiguous()
 
 
 def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPImageProcessorPil
 
 from model.clip import (CLIP_MEAN, CLIP_STD, CONFIGS, CLIPAttention, CLIPModel, CLIPTextModel, TextConfig,
-                        pil_to_tensor, preprocess_images, preprocess_tensor)
-from model.tokenizer import EOT
+                        pil_to_tensor, preprocess_images, preprocess_tensor, trimmed_length)
+from model.tokenizer import EOT, CLIPTokenizer, frame
 
 # The public numbers (the openai/clip-vit-large-patch14 and laion CLIP-ViT-H-14 config.json files), written
 # out independently of CONFIGS.
@@ -94,6 +94,31 @@ def test_text_is_causal(small_clip):
         a, b = small_clip.text_model(ids), small_clip.text_model(changed)
     assert torch.equal(a[:, :7], b[:, :7])
     assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_trimmed_length_rounds_up_to_16_within_the_positions():
+    assert [trimmed_length(n, 77) for n in (1, 16, 17, 33, 64, 65, 77)] == [16, 16, 32, 48, 64, 77, 77]
+    assert trimmed_length(5, 8) == 8
+
+
+@pytest.mark.parametrize("pad_id", [EOT, 0])  # SD-1.5 pads with <eot>, open_clip (HPSv2) with 0
+def test_text_embedding_encodes_only_through_the_first_eot_bit_for_bit(small_clip, pad_id):
+    tokenizer = CLIPTokenizer()
+    texts = ["A red fox.", "A small brown dog walks across an old stone bridge in the morning mist.", ""]
+    ids = torch.tensor([frame(tokenizer.encode(text), 77, pad_id) for text in texts])
+    seen = []
+    hook = small_clip.text_model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = small_clip.encode_text(ids)
+    finally:
+        hook.remove()
+    longest = 1 + max(len(tokenizer.encode(text)) for text in texts) + 1  # <sot> + text + <eot>
+    assert seen == [trimmed_length(longest, 77)] == [32]
+    with torch.no_grad():  # all 77 positions, pooled at the first <eot>, projected: the untrimmed path
+        hidden = small_clip.text_model(ids)
+        expected = small_clip.text_projection(small_clip.text_model.pool(hidden, ids))
+    assert torch.equal(got, expected)  # bit for bit on one CPU thread, as the tests run
 
 
 def test_bad_text_input_is_reported(small_clip):

@@ -7,8 +7,8 @@ import torch
 
 from model import kernels
 from model.clip import CONFIGS, CLIPTextModel
-from model.longtext import (STRATEGIES, DroppedTokensWarning, LongPromptEncoder, check_strategy, sentence_segments,
-                            split_sentences)
+from model.longtext import (STRATEGIES, DroppedTokensWarning, LongPromptEncoder, check_strategy, encoded_length,
+                            sentence_segments, split_sentences)
 from model.tokenizer import EOT, SOT, CLIPTokenizer
 
 # 10 sentences, 221 content tokens: with the 10 <sot> separators it fills 231 of the 240 rows.
@@ -193,7 +193,55 @@ def test_all_segments_of_all_prompts_go_through_one_forward(tokenizer, text_enco
             encoder.pad_star()
     finally:
         hook.remove()
-    assert batches == [(10 + 3 + 1, 77)]
+    # One forward, trimmed to the longest kept run (<sot> + the longest sentence), rounded up to 16 positions
+    longest = max(1 + len(ids) for ids in sentence_segments(tokenizer, LONG_PROMPT))
+    assert 16 < longest <= 32
+    assert batches == [(10 + 3 + 1, 32)]
+
+
+def untrimmed(encoder, prompts):
+    """Every block encoded at all 77 positions, then the same concatenation: the path before trimming."""
+    plans = [encoder.plan(prompt) for prompt in prompts]
+    hidden = encoder.text_encoder(torch.tensor([block for plan in plans for block in plan.blocks]))
+    kept = torch.tensor([run for plan in plans for run in plan.kept])
+    counts = torch.tensor([len(plan.blocks) for plan in plans])
+    return kernels.concat_segments_torch(hidden, kept[:, 0], kept[:, 1], counts, encoder.pad_star(),
+                                         encoder.context_length)
+
+
+TRIM_PROMPTS = [[LONG_PROMPT, ""], [OVERFLOW_PROMPT, "Short one. Two!", "A cat."], ["a cat " * 40],
+                ["One. Two. Three.", LONG_PROMPT]]
+
+
+@pytest.mark.parametrize("strategy, merge_short", [("segment", False), ("segment", True), ("no-sot", False),
+                                                   ("keep-all", False), ("chunk75", False), ("truncate", False)])
+def test_trimmed_encode_is_bit_identical_to_encoding_all_77_positions(strategy, merge_short, tokenizer,
+                                                                      text_encoder):
+    encoder = LongPromptEncoder(tokenizer, text_encoder, strategy=strategy, merge_short=merge_short)
+    lengths, trimmed = [], []
+    hook = text_encoder.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DroppedTokensWarning)
+            encoder.pad_star()
+            for prompts in TRIM_PROMPTS:
+                got = encoder(prompts)
+                trimmed.append(lengths[-1])
+                # bit for bit (the tests run on one CPU thread; see model.clip.trimmed_length)
+                assert torch.equal(got, untrimmed(encoder, prompts)), prompts
+                assert trimmed[-1] == encoded_length([run for p in prompts for run in encoder.plan(p).kept])
+    finally:
+        hook.remove()
+    whole_blocks = strategy in ("keep-all", "chunk75", "truncate")
+    assert (min(trimmed) < 77) == (not whole_blocks and not merge_short)  # sentences of ~25 tokens: trimmed
+
+
+def test_encoded_length_reaches_the_longest_kept_run():
+    assert encoded_length([(0, 5)]) == 16
+    assert encoded_length([(0, 5), (0, 17)]) == 32
+    assert encoded_length([(1, 47)]) == 48
+    assert encoded_length([(0, 65)]) == 77  # never past the 77 positions
+    assert encoded_length([(0, 1), (0, 77)]) == 77
 
 
 def test_overflow_warns_once_with_the_count(tokenizer, text_encoder):

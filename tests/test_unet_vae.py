@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
+from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, prefer_channels_last
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, posterior_sample, to_uint8
 
 # The public runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json, the parts that matter.
@@ -55,13 +55,21 @@ def test_full_sd15_architecture_matches_diffusers_on_meta(ours, theirs, config, 
     assert shapes(model) == shapes(reference)
 
 
-def unet_pair(seed=0):
-    """Our test-config UNet and diffusers' with the same random weights."""
-    torch.manual_seed(seed)
-    reference = diffusers.UNet2DConditionModel(**TEST_UNET_CONFIG).eval()
-    unet = UNet2DConditionModel(UNET_CONFIGS["test"]).eval()
-    unet.load_state_dict(reference.state_dict())
-    return unet, reference
+def model_pair(ours, theirs, config, reference_config):
+    """Our model and diffusers' with the same random weights."""
+    torch.manual_seed(0)
+    reference = theirs(**reference_config).eval()
+    model = ours(config).eval()
+    model.load_state_dict(reference.state_dict())
+    return model, reference
+
+
+def unet_pair():
+    return model_pair(UNet2DConditionModel, diffusers.UNet2DConditionModel, UNET_CONFIGS["test"], TEST_UNET_CONFIG)
+
+
+def vae_pair():
+    return model_pair(AutoencoderKL, diffusers.AutoencoderKL, VAE_CONFIGS["test"], TEST_VAE_CONFIG)
 
 
 @pytest.mark.parametrize("height, width", [(8, 8), (9, 7)])  # 9×7: odd sizes on the way down
@@ -101,10 +109,7 @@ def test_bad_config_is_refused():
 
 
 def test_vae_matches_diffusers():
-    torch.manual_seed(0)
-    reference = diffusers.AutoencoderKL(**TEST_VAE_CONFIG).eval()
-    vae = AutoencoderKL(VAE_CONFIGS["test"]).eval()
-    vae.load_state_dict(reference.state_dict())
+    vae, reference = vae_pair()
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         mean, logvar = vae.encode(image)
@@ -159,6 +164,54 @@ def test_runs_in_bfloat16():
         half = unet.to(torch.bfloat16)(latents.bfloat16(), 400, context.bfloat16())
     assert half.dtype == torch.bfloat16
     assert relative_error(half.float(), full) < 0.05
+
+
+def conv_inputs_channels_last(model, run):
+    """Run ``run()`` and say whether every conv of ``model`` after the first (which reads the caller's
+    contiguous tensor) read its input NHWC."""
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        out = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, len(layouts) > 1 and all(layouts[1:])
+
+
+def test_channels_last_keeps_parity_and_its_layout_through_every_conv():
+    unet, reference = unet_pair()
+    latents, context, timesteps = torch.randn(2, 4, 9, 7), torch.randn(2, 77, 32), torch.tensor([3, 977])
+    vae, vae_reference = vae_pair()
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert prefer_channels_last(unet) is unet and prefer_channels_last(vae) is vae
+    with torch.no_grad():
+        eps, unet_nhwc = conv_inputs_channels_last(unet, lambda: unet(latents, timesteps, context))
+        assert relative_error(eps, reference(latents, timesteps, context).sample) <= 1e-5
+        (mean, _), encoder_nhwc = conv_inputs_channels_last(vae, lambda: vae.encode(image))
+        decoded, decoder_nhwc = conv_inputs_channels_last(vae, lambda: vae.decode(mean))
+        assert relative_error(mean, vae_reference.encode(image).latent_dist.mean) <= 1e-4
+        assert relative_error(decoded, vae_reference.decode(mean).sample) <= 1e-4
+    assert unet_nhwc and encoder_nhwc and decoder_nhwc  # GroupNorm, attention reshapes, concat: no copy back
+    assert eps.is_contiguous() and mean.is_contiguous() and decoded.is_contiguous()  # callers see plain tensors
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_in_place_inference_gives_the_bits_of_the_graph_recording_path(layout):
+    """Without autograd the residual adds and activations write into fresh results; that must change no bit
+    (and never overwrite a tensor something else still reads, such as a skip connection)."""
+    unet, _ = unet_pair()
+    vae, _ = vae_pair()
+    if layout == "channels_last":
+        prefer_channels_last(unet), prefer_channels_last(vae)
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 240, 32)
+    run = lambda: (unet(latents, torch.tensor([10, 700]), context), vae.decode(latents[:1]))  # noqa: E731
+    recorded = [t.detach() for t in run()]  # parameters require grad: the out-of-place path
+    with torch.no_grad():
+        in_place = run()
+    assert all(torch.equal(a, b) for a, b in zip(in_place, recorded))
 
 
 def test_scaling_factor_lives_in_the_config_only():
