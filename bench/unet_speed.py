@@ -60,8 +60,8 @@ def build(kind: str, dtype: torch.dtype, device: str):
     ours = prefer_channels_last(ours.eval())
     if kind == "compiled":
         if device == "cpu":
-            import torch._inductor.config
-            torch._inductor.config.freezing = True  # inference only: the weights are read once, at compile time
+            import torch._inductor.config as inductor
+            inductor.freezing = True  # inference only: the weights are read once, at compile time
         return torch.compile(ours, fullgraph=True), ours
     return ours, ours
 
@@ -103,16 +103,21 @@ def start_workers(contenders: list[tuple[str, str]], args) -> dict:
         process.start()
         os.environ.clear()
         os.environ.update(environment)
-        if not ours_end.poll(1800) or ours_end.recv() != "ready":
-            sys.exit(f"error: the {kind} {dtype} worker did not start")
+        while not ours_end.poll(5):
+            if not process.is_alive():
+                sys.exit(f"error: the {kind} {dtype} worker did not start")
+        ours_end.recv()
         workers[f"{'ours compiled' if kind == 'compiled' else kind} {dtype}"] = (process, ours_end)
     return workers
 
 
-def ask(connection, command: str):
+def ask(worker, command: str):
+    """Send ``command`` to a worker (process, connection) and wait for its answer while it lives."""
+    process, connection = worker
     connection.send(command)
-    if not connection.poll(1800):
-        sys.exit("error: a worker stopped answering (out of memory?)")
+    while not connection.poll(5):
+        if not process.is_alive():
+            sys.exit(f"error: a worker died (exit code {process.exitcode}; out of memory?)")
     return connection.recv()
 
 
@@ -122,7 +127,7 @@ def measure(workers: dict, repeats: int) -> dict:
     names = list(workers)
     for repeat in range(repeats):
         for name in (names if repeat % 2 == 0 else names[::-1]):
-            times[name].append(ask(workers[name][1], "run"))
+            times[name].append(ask(workers[name], "run"))
     return times
 
 
@@ -165,7 +170,7 @@ def main() -> None:
     load_before = f"load average {os.getloadavg()[0]:.2f}"
     ours = "compiled" if args.compile else "ours"
     workers = start_workers([("diffusers", "fp32"), (ours, "fp32"), (ours, args.dtype)], args)
-    outputs = {name: ask(connection, "out") for name, (_, connection) in workers.items()}
+    outputs = {name: ask(worker, "out") for name, worker in workers.items()}
     reference = outputs["diffusers fp32"]
     differences = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
     times = measure(workers, args.repeats)

@@ -421,7 +421,10 @@ class UNet2DConditionModel(nn.Module):
         if context.ndim != 3 or context.shape[-1] != self.config.cross_attention_dim:
             raise ValueError(f"context must be [B, L, {self.config.cross_attention_dim}], "
                              f"got {tuple(context.shape)}")
-        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1)
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.to(latents.device).reshape(-1)
+        else:  # full(), not as_tensor(): a compiled UNet then takes a new step's number as an input, no recompile
+            timesteps = torch.full((1,), timesteps, device=latents.device)
         if timesteps.numel() not in (1, latents.shape[0]):
             raise ValueError(f"timesteps must be one value or one per latent ({latents.shape[0]}), "
                              f"got {timesteps.numel()}")
