@@ -1,12 +1,12 @@
-"""Triton kernels and their plain-PyTorch twins.
+"""Plain-PyTorch twins of the Triton kernels, the dispatcher between them, and the public wrappers.
 
-Every kernel in this file comes as a pair:
+Every kernel comes as a pair:
 
-* the **twin**: a short plain-PyTorch function. It is the readable definition of
+* the **twin**: a short plain-PyTorch function in this file. It is the readable definition of
   what the kernel computes, the reference the tests compare against, and the
   path used on CPU (or wherever Triton is missing, e.g. macOS).
-* the **kernel**: a Triton program that computes the same thing in fewer memory
-  passes on the GPU. Its public wrapper has the same signature as the twin.
+* the **kernel**: a Triton program in model/triton_kernels.py that computes the same thing in fewer
+  memory passes on the GPU. Its public wrapper here has the same signature as the twin.
 
 A small dispatcher, :func:`use_triton`, decides which of the two runs. It reads
 the environment variable ``LONGALIGN_KERNELS``:
@@ -20,25 +20,20 @@ the environment variable ``LONGALIGN_KERNELS``:
 The kernels take float32, float16 and bfloat16 tensors; in auto mode anything else (and anything needing a
 gradient the kernel does not give) goes to the twin.
 
-Triton is imported behind a guard so this module stays importable without it;
-kernels are only defined when the import succeeded (and are None otherwise).
+This module never imports triton itself: it only asks whether triton is installed, and the wrappers import
+model/triton_kernels.py (and with it triton) the first time a kernel is really launched. So the CPU path,
+and any machine without Triton, pays nothing for it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # e.g. macOS, or a CPU-only install without Triton
-    triton = None
-    tl = None
-
-HAVE_TRITON = triton is not None
+HAVE_TRITON = importlib.util.find_spec("triton") is not None  # asked without importing it (e.g. none on macOS)
 KERNELS_ENV = "LONGALIGN_KERNELS"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "triton", "torch")
@@ -67,26 +62,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return HAVE_TRITON and all(t.is_cuda for t in tensors)
 
 
-def _check_kernel_launch(kernel, *tensors: torch.Tensor) -> None:
-    """A one-line error naming the fix, where launching ``kernel`` on ``tensors`` would fail obscurely."""
+def _check_kernel_launch(*tensors: torch.Tensor) -> None:
+    """A one-line error naming the fix, where launching a kernel on ``tensors`` would fail obscurely.
+
+    The device check, which needs triton, is :func:`model.triton_kernels.check_kernel_device`.
+    """
     if not HAVE_TRITON:
         raise ValueError(f"Triton is not installed; install triton or set {KERNELS_ENV}=torch.")
     for tensor in tensors:
         if tensor.dtype not in KERNEL_DTYPES:
             raise ValueError(f"the Triton kernels take float32, float16 or bfloat16 tensors, got {tensor.dtype}; "
                              f"set {KERNELS_ENV}=torch (or auto) to use the PyTorch twins.")
-    # triton.jit makes a compiled JITFunction, or under TRITON_INTERPRET=1 an interpreted kernel that runs on any
-    # machine. Triton's own message for a compiled one on a CPU-only machine, "0 active drivers", names no fix.
-    if isinstance(kernel, triton.runtime.JITFunction) and not all(t.is_cuda for t in tensors):
-        found = "a GPU was found" if torch.cuda.is_available() else "no GPU was found"
-        raise ValueError(f"the compiled Triton kernels need CUDA tensors, got {tensors[0].device} ones and {found}: "
-                         f"set TRITON_INTERPRET=1 to run them in Triton's interpreter, or {KERNELS_ENV}=torch "
-                         f"for the PyTorch twins.")
-
-
-def _index(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Index data as the kernels read it: int32 and contiguous (``.to`` keeps the strides of a strided view)."""
-    return values.to(device=device, dtype=torch.int32).contiguous()
 
 
 # ==== Segment concatenation (LongAlign §3) ====
@@ -148,45 +134,6 @@ def concat_segments_torch(hidden: torch.Tensor, kept_start: torch.Tensor, kept_l
     return torch.stack(contexts) if contexts else hidden.new_zeros(0, max_tokens, hidden.shape[2])
 
 
-if HAVE_TRITON:
-    @triton.jit
-    def _concat_segments_kernel(hidden_ptr, kept_start_ptr, kept_len_ptr, first_segment_ptr,
-                                segment_count_ptr, pad_ptr, out_ptr, max_tokens, dim, block_len,
-                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program writes a BLOCK_T x BLOCK_D tile of one prompt's context, once.
-        prompt = tl.program_id(0)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)   # output rows of the tile
-        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)   # feature columns of the tile
-        first = tl.load(first_segment_ptr + prompt)
-        count = tl.load(segment_count_ptr + prompt)
-
-        # Walk the prompt's segments to find, for every output row, the source row
-        # in hidden viewed as [S * block_len, D]; -1 means "past the text: <pad*>".
-        source_row = tl.full([BLOCK_T], -1, tl.int64)
-        offset = tl.full([], 0, tl.int32)                        # rows filled by earlier segments
-        for k in range(0, count):
-            segment = first + k
-            start = tl.load(kept_start_ptr + segment)
-            length = tl.load(kept_len_ptr + segment)
-            inside = (t >= offset) & (t < offset + length)
-            row = segment.to(tl.int64) * block_len + start + (t - offset)
-            source_row = tl.where(inside, row, source_row)
-            offset += length
-
-        row_ok = t < max_tokens
-        col_ok = d < dim
-        from_text = source_row >= 0
-        text = tl.load(hidden_ptr + source_row[:, None] * dim + d[None, :],
-                       mask=(from_text & row_ok)[:, None] & col_ok[None, :], other=0.0)
-        pad = tl.load(pad_ptr + d, mask=col_ok, other=0.0)
-        tile = tl.where(from_text[:, None], text, pad[None, :])
-        out_row = prompt.to(tl.int64) * max_tokens + t
-        tl.store(out_ptr + out_row[:, None] * dim + d[None, :], tile,
-                 mask=row_ok[:, None] & col_ok[None, :])
-else:
-    _concat_segments_kernel = None  # never launched: the wrapper's check says that Triton is missing
-
-
 def concat_segments_triton(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
                            segments_per_prompt: torch.Tensor, pad: torch.Tensor,
                            max_tokens: int) -> torch.Tensor:
@@ -196,21 +143,10 @@ def concat_segments_triton(hidden: torch.Tensor, kept_start: torch.Tensor, kept_
     read from its source (or from <pad*>) and written exactly once.
     """
     _check_concat_inputs(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
-    _check_kernel_launch(_concat_segments_kernel, hidden)
-    n_prompts = segments_per_prompt.shape[0]
-    dim, block_len = hidden.shape[2], hidden.shape[1]
-    out = torch.empty(n_prompts, max_tokens, dim, dtype=hidden.dtype, device=hidden.device)
-    if n_prompts == 0:
-        return out
-    counts = _index(segments_per_prompt, hidden.device)
-    first_segment = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    block_t, block_d = 16, 256
-    grid = (n_prompts, triton.cdiv(max_tokens, block_t), triton.cdiv(dim, block_d))
-    _concat_segments_kernel[grid](
-        hidden.contiguous(), _index(kept_start, hidden.device), _index(kept_len, hidden.device), first_segment,
-        counts, pad.to(hidden.dtype).contiguous(), out, max_tokens, dim, block_len,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
-    return out
+    _check_kernel_launch(hidden)
+    from model import triton_kernels  # here, not at the top: importing triton is slow and the CPU path never needs it
+    triton_kernels.check_kernel_device(triton_kernels.concat_segments_kernel, hidden)
+    return triton_kernels.launch_concat_segments(hidden, kept_start, kept_len, segments_per_prompt, pad, max_tokens)
 
 
 def concat_segments(hidden: torch.Tensor, kept_start: torch.Tensor, kept_len: torch.Tensor,
@@ -330,74 +266,14 @@ def score_projection(image_embeddings: torch.Tensor, segment_embeddings: torch.T
     return score_projection_torch(image_embeddings, segment_embeddings, segment_mask, direction, omega)
 
 
-if HAVE_TRITON:
-    @triton.jit
-    def _score_projection_kernel(image_ptr, text_ptr, mask_ptr, direction_ptr, scores_ptr, grad_ptr,
-                                 batch, segments, width, omega,
-                                 NEED_GRAD: tl.constexpr, BLOCK_P: tl.constexpr):
-        """One program per prompt: read x [P], its S segments [S, P] and V once; write 5 scores (and ∂score/∂x)."""
-        row = tl.program_id(0).to(tl.int64)  # int64: (row·S + s)·P passes 2³¹ for a long batch of wide rows
-        cols = tl.arange(0, BLOCK_P)
-        inside = cols < width
-        eps = 1e-12  # as F.normalize: divide by max(|v|, eps)
-
-        x = tl.load(image_ptr + row * width + cols, mask=inside, other=0.0).to(tl.float32)
-        x_norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
-        image_unit = x / x_norm
-        v = tl.load(direction_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        v = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), eps)
-
-        text = tl.zeros([BLOCK_P], dtype=tl.float32)
-        count = 0.0
-        for s in range(segments):
-            if tl.load(mask_ptr + row * segments + s) != 0:  # a padding slot costs no reads and no maths
-                t = tl.load(text_ptr + (row * segments + s) * width + cols, mask=inside, other=0.0).to(tl.float32)
-                text += t / tl.maximum(tl.sqrt(tl.sum(t * t, axis=0)), eps)
-                count += 1.0
-        text = text / count  # C_P, the un-renormalized segment mean
-
-        eta = tl.sum(text * v, axis=0)
-        along_v = tl.sum(image_unit * v, axis=0)
-        original = tl.sum(image_unit * text, axis=0)
-        relevant = tl.sum(image_unit * (text - eta * v), axis=0)
-        irrelevant = eta * along_v
-        text_omega = text - (1.0 - omega) * eta * v  # T'
-        score = tl.sum(image_unit * text_omega, axis=0)
-
-        tl.store(scores_ptr + 0 * batch + row, score)
-        tl.store(scores_ptr + 1 * batch + row, original)
-        tl.store(scores_ptr + 2 * batch + row, relevant)
-        tl.store(scores_ptr + 3 * batch + row, irrelevant)
-        tl.store(scores_ptr + 4 * batch + row, eta)
-        if NEED_GRAD:
-            # ∂(C_X·T')/∂x = (I − C_X C_Xᵀ) T' / |x| = (T' − score·C_X) / |x|
-            tl.store(grad_ptr + row * width + cols, (text_omega - score * image_unit) / x_norm, mask=inside)
-else:
-    _score_projection_kernel = None  # never launched: the wrapper's check says that Triton is missing
-
-
-def _launch_score_kernel(image, text, mask, direction, omega, need_grad):
-    """Five separate [B] float32 scores, and ∂score/∂x [B, P] when ``need_grad`` (else None)."""
-    batch, segments, width = text.shape
-    scores = torch.empty(5, batch, device=image.device, dtype=torch.float32)
-    grad = torch.empty(batch, width, device=image.device, dtype=torch.float32) if need_grad else None
-    _score_projection_kernel[(batch,)](
-        image.contiguous(), text.contiguous(), _index(mask != 0, image.device),
-        direction.to(image.device, torch.float32).contiguous(), scores,
-        scores if grad is None else grad,  # without NEED_GRAD the kernel writes no gradient: any pointer will do
-        batch, segments, width, float(omega),
-        NEED_GRAD=need_grad, BLOCK_P=triton.next_power_of_2(width), num_warps=4)
-    # clones, not views of one buffer: an in-place change to one output then cannot affect another's autograd
-    return [part.clone() for part in scores], grad
-
-
 class _ScoreProjectionFunction(torch.autograd.Function):
     """Autograd wiring for the kernel: the forward pass also writes ∂score/∂x, so backward is one multiply."""
 
     @staticmethod
     def forward(ctx, image_embeddings, segment_embeddings, segment_mask, direction, omega):
-        parts, grad = _launch_score_kernel(image_embeddings, segment_embeddings, segment_mask, direction, omega,
-                                           need_grad=True)
+        from model import triton_kernels  # lazy, as in score_projection_triton (which has imported it already)
+        parts, grad = triton_kernels.launch_score_projection(image_embeddings, segment_embeddings, segment_mask,
+                                                             direction, omega, need_grad=True)
         ctx.image_dtype = image_embeddings.dtype
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(*parts[1:])
@@ -423,7 +299,9 @@ def score_projection_triton(image_embeddings: torch.Tensor, segment_embeddings: 
     requires grad is an error (use :func:`score_projection_torch` if you really need that gradient).
     """
     _check_score_inputs(image_embeddings, segment_embeddings, segment_mask, direction, omega)
-    _check_kernel_launch(_score_projection_kernel, image_embeddings, segment_embeddings)
+    _check_kernel_launch(image_embeddings, segment_embeddings)
+    from model import triton_kernels  # here, not at the top: importing triton is slow and the CPU path never needs it
+    triton_kernels.check_kernel_device(triton_kernels.score_projection_kernel, image_embeddings, segment_embeddings)
     if torch.is_grad_enabled() and (segment_embeddings.requires_grad or direction.requires_grad):
         raise ValueError("the score-projection kernel gives no gradient to the text side (the scorer is frozen): "
                          "detach the segment embeddings and the direction, or use score_projection_torch.")
@@ -432,5 +310,5 @@ def score_projection_triton(image_embeddings: torch.Tensor, segment_embeddings: 
     image, text = image_embeddings.to(dtype), segment_embeddings.to(dtype)
     if torch.is_grad_enabled() and image.requires_grad:
         return ScoreParts(*_ScoreProjectionFunction.apply(image, text, segment_mask, direction, omega))
-    parts, _ = _launch_score_kernel(image, text, segment_mask, direction, omega, need_grad=False)
+    parts, _ = triton_kernels.launch_score_projection(image, text, segment_mask, direction, omega, need_grad=False)
     return ScoreParts(*parts)

@@ -173,3 +173,13 @@ def test_triton_mode_without_a_gpu_or_the_interpreter_names_the_fix():
     assert len(lines) == 2, result.stdout
     for line in lines:
         assert "TRITON_INTERPRET=1" in line and "LONGALIGN_KERNELS=torch" in line
+
+
+def test_importing_the_model_does_not_import_triton():
+    """Triton is imported only when a kernel is launched: importing it costs a noticeable part of a script's start."""
+    program = "import sys, model.longtext, model.preference; print('triton' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != kernels.KERNELS_ENV}
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
