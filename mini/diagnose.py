@@ -37,11 +37,10 @@ import torch
 
 from data import to_tensor
 from mini import world
-from mini.metrics import SHIPPED, generate, load_scorer, renders, scene_noise
-from mini.probes import CAPTION_ERRORS, colour_source, other_colours, ridge_probe_accuracy, same_wording_caption
+from mini.metrics import SHIPPED, generate, load_scorer, scene_noise
+from mini.probes import colour_source, other_colours, ridge_probe_accuracy, scorer_error_table
 from model.diffusion import NoiseSchedule
 from model.longtext import LongPromptEncoder
-from model.preference import Scorer
 from model.tokenizer import frame
 from model.weights import load_pipeline
 
@@ -124,30 +123,6 @@ def colour_source_table(pipeline, n_scenes: int) -> list[str]:
     share = 100 * sources["another object's colour"] / wrong if wrong else float("nan")
     rows.append(f"\nOf the wrong colours, {share:.1f}% belong to another object of the caption; "
                 f"{chance:.1f}% would if wrong colours were drawn uniformly.")
-    return rows
-
-
-@torch.no_grad()
-def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
-    examples = world.shapes_split("test", n_scenes)
-    images = renders(examples).permute(0, 3, 1, 2).float().div(255)
-    true = scorer.score(images, [caption for _, caption in examples], direction)
-    rng = random.Random(0)
-    rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
-            "text-relevant (%) | mean margin ×100, original / text-relevant |", "|---|---|---|---|---|"]
-    for name, put_error in CAPTION_ERRORS.items():
-        changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
-        kept = [(i, scene) for i, scene in changed if scene is not None]
-        if not kept:
-            rows.append(f"| {name} | 0 | | | |")
-            continue
-        index = torch.tensor([i for i, _ in kept])
-        wrong = scorer.score(images[index], [same_wording_caption("test", i, scene) for i, scene in kept],
-                             direction)
-        original, relevant = true.original[index] - wrong.original, true.relevant[index] - wrong.relevant
-        rows.append(f"| {name} | {len(kept)} | {100 * (original > 0).float().mean():.1f} | "
-                    f"{100 * (relevant > 0).float().mean():.1f} | "
-                    f"{100 * original.mean():.2f} / {100 * relevant.mean():.2f} |")
     return rows
 
 

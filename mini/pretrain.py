@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import random
 import shutil
 import sys
 import time
@@ -36,6 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 import data
+from mini.scorer import CONFIGS as SCORER_CONFIGS
+from mini.scorer import heldout_check, scorer_loss
 from model import runtime
 from model.clip import CONFIGS as CLIP_CONFIGS, CLIPModel, preprocess_tensor
 from model.longtext import sentence_segments
@@ -48,9 +52,10 @@ from model.weights import save_clip_model, save_text_encoder, save_vae_diffusers
 STAGE_DEFAULTS = {
     "clip": dict(steps=3000, lr=5e-4, warmup=200, grad_clip=1.0, batch_size=64, grad_accum=1),
     "vae": dict(steps=3000, lr=1e-3, warmup=200, grad_clip=1.0, batch_size=32, grad_accum=1),
+    "scorer": dict(steps=3000, lr=5e-4, warmup=100, grad_clip=1.0, batch_size=64, grad_accum=1),
 }
-CONFIGS = {"clip": CLIP_CONFIGS, "vae": VAE_CONFIGS}
-OUTPUTS = {"clip": ("scorer", "text_encoder", "tokenizer"), "vae": ("vae",)}  # the folders --export copies
+CONFIGS = {"clip": CLIP_CONFIGS, "vae": VAE_CONFIGS, "scorer": SCORER_CONFIGS}
+OUTPUTS = {"clip": ("scorer", "text_encoder", "tokenizer"), "vae": ("vae",), "scorer": ("scorer",)}  # --export's
 SCALING_IMAGES = 256  # training images the VAE's scaling factor is fitted on
 
 
@@ -83,7 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--device", help="default: the GPU of this rank, else cpu")
     g = p.add_argument_group("the stages")
     g.add_argument("--kl-weight", type=float, default=1e-6, help="vae: weight of the KL term (per-element means)")
-    g.add_argument("--direction-prompts", type=int, default=1000, help="clip: captions to fit V on at the end")
+    g.add_argument("--direction-prompts", type=int, default=1000,
+                   help="clip, scorer: captions to fit V on at the end")
+    g.add_argument("--heldout", type=int, default=500, help="scorer: held-out val renders checked at each save "
+                                                           "(R@1 and swapped colours; 0: off)")
     g = p.add_argument_group("output")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint and outputs every N steps")
     g.add_argument("--sample-every", type=int, default=500, help="vae: reconstruction grid every N steps (0: never)")
@@ -188,7 +196,7 @@ def fit_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, env: runtime.En
 class Stage:
     model: nn.Module  # every parameter is trained
     loss: Callable  # (batch, generator) -> (loss, {name: scalar tensor to log})
-    save: Callable  # (final: bool) -> None, the stage's model folders in --out
+    save: Callable  # (step, final: bool) -> None, the stage's model folders in --out
     preview: Callable | None = None  # (png path) -> None
 
 
@@ -201,16 +209,44 @@ def clip_stage(args, env: runtime.Env, dataset) -> Stage:
         pick = runtime.global_rand(generator, len(batch["caption"]), env)
         return clip_loss(model, tokenizer, batch["image"].to(env.device), batch["caption"], pick)
 
-    def save(final: bool) -> None:
+    def save(step: int, final: bool) -> None:
         save_clip_model(model, args.out / "scorer")
         save_text_encoder(model.text_model, args.out / "text_encoder")
         tokenizer.save_pretrained(args.out / "tokenizer")
-        if final:  # the corpus direction V (LongAlign §4), fitted once the scorer is done; on a copy, because
-            # Scorer freezes the model it gets and the checkpoint saved next needs the trainable one
-            scorer = Scorer(copy.deepcopy(model), KINDS["clip"], tokenizer, name="the miniature's scorer")
-            prompts = data.first_captions(dataset, args.direction_prompts)
-            save_direction(args.out / "scorer" / DIRECTION_FILE, fit_direction(scorer, prompts, progress=False),
-                           scorer, len(prompts))
+        if final:
+            write_direction(model, tokenizer, dataset, args)
+
+    return Stage(model, loss, save)
+
+
+def write_direction(model: CLIPModel, tokenizer, dataset, args) -> None:
+    """The corpus direction V (LongAlign §4) beside a finished scorer. It is fitted on a copy, because Scorer
+    freezes the model it gets and the checkpoint saved next needs the trainable one."""
+    scorer = Scorer(copy.deepcopy(model), KINDS["clip"], tokenizer, name="the miniature's scorer")
+    prompts = data.first_captions(dataset, args.direction_prompts)
+    save_direction(args.out / "scorer" / DIRECTION_FILE, fit_direction(scorer, prompts, progress=False),
+                   scorer, len(prompts))
+
+
+def scorer_stage(args, env: runtime.Env, dataset) -> Stage:
+    """The miniature's separate judge (mini/scorer.py): the reward's scorer and Table 1's, and nothing else.
+    Each save also checks it on held-out real renders and appends the numbers to OUT/heldout.jsonl."""
+    model = CLIPModel(SCORER_CONFIGS[args.from_scratch]).to(env.device).train()
+    tokenizer = CLIPTokenizer()
+
+    def loss(batch, generator):  # the hard negatives are drawn from the run's generator: a resume is exact
+        seed = int(runtime.global_randint(generator, 2**31, 1, env)[0])
+        return scorer_loss(model, tokenizer, batch["image"].to(env.device), batch["caption"], random.Random(seed))
+
+    def save(step: int, final: bool) -> None:
+        save_clip_model(model, args.out / "scorer")
+        if args.heldout:
+            record = {"step": step, **heldout_check(model, tokenizer, args.heldout)}
+            with open(args.out / "heldout.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
+            print(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in record.items() if k != "step"))
+        if final:
+            write_direction(model, tokenizer, dataset, args)
 
     return Stage(model, loss, save)
 
@@ -225,7 +261,7 @@ def vae_stage(args, env: runtime.Env, dataset) -> Stage:
         noise = runtime.global_randn(generator, vae.latent_shape(len(images), args.resolution, args.resolution), env)
         return vae_loss(vae, images, noise, args.kl_weight)
 
-    def save(final: bool) -> None:
+    def save(step: int, final: bool) -> None:
         fit_scaling_factor(vae, torch.stack([dataset[i]["image"] for i in range(min(SCALING_IMAGES, len(dataset)))]),
                            env)
         save_vae_diffusers(vae, args.out / "vae")
@@ -242,7 +278,7 @@ def vae_stage(args, env: runtime.Env, dataset) -> Stage:
     return Stage(vae, loss, save, preview)
 
 
-STAGES = {"clip": clip_stage, "vae": vae_stage}
+STAGES = {"clip": clip_stage, "vae": vae_stage, "scorer": scorer_stage}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +349,7 @@ def write_outputs(state: runtime.TrainState, stage: Stage, args, stop_now: bool)
         if stage.preview and args.sample_every and step % args.sample_every == 0:
             stage.preview(args.out / "samples" / f"step_{step:06d}.png")
         if save_now:
-            stage.save(final=step == args.steps)
+            stage.save(step, final=step == args.steps)
     if save_now:
         runtime.save_checkpoint(state, args.out)
 

@@ -7,9 +7,12 @@ import dataclasses
 import random
 
 import numpy as np
+import torch
 
 from mini import world
+from mini.metrics import renders
 from mini.world import Scene, ShapeObject
+from model.preference import Scorer
 
 
 def ridge_probe_accuracy(train_x, train_y, test_x, test_y, n_classes: int, ridge: float = 1e-2) -> float:
@@ -83,3 +86,29 @@ def move_one_object(scene: Scene, rng: random.Random) -> Scene | None:
 
 CAPTION_ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour replaced": replace_one_colour,
           "one object moved": move_one_object}
+
+
+@torch.no_grad()
+def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
+    """Markdown rows: how often the true caption outscores the same caption with one error put in, over the
+    first ``n_scenes`` held-out real renders, for the original score and its text-relevant part (§4)."""
+    examples = world.shapes_split("test", n_scenes)
+    images = renders(examples).permute(0, 3, 1, 2).float().div(255)
+    true = scorer.score(images, [caption for _, caption in examples], direction)
+    rng = random.Random(0)
+    rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
+            "text-relevant (%) | mean margin ×100, original / text-relevant |", "|---|---|---|---|---|"]
+    for name, put_error in CAPTION_ERRORS.items():
+        changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
+        kept = [(i, scene) for i, scene in changed if scene is not None]
+        if not kept:
+            rows.append(f"| {name} | 0 | | | |")
+            continue
+        index = torch.tensor([i for i, _ in kept])
+        wrong = scorer.score(images[index], [same_wording_caption("test", i, scene) for i, scene in kept],
+                             direction)
+        original, relevant = true.original[index] - wrong.original, true.relevant[index] - wrong.relevant
+        rows.append(f"| {name} | {len(kept)} | {100 * (original > 0).float().mean():.1f} | "
+                    f"{100 * (relevant > 0).float().mean():.1f} | "
+                    f"{100 * original.mean():.2f} / {100 * relevant.mean():.2f} |")
+    return rows

@@ -5,7 +5,8 @@
 #     bash mini/recipe.sh sft-segment     # one stage (or several, in the order given)
 #     nohup bash mini/recipe.sh > runs/mini/recipe.log 2>&1 &
 #
-# Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1; or reward-OMEGA), ship, eval.
+# Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1; or reward-OMEGA), ship, eval; and for
+# LongAlign §4 with a separate judge: scorer, tables, curves (ω = 0, 0.3, 0.5, 1; or curves-OMEGA), curves-eval.
 # With no arguments: clip ∥ vae, then sft-segment ∥ sft-truncate, then the three rewards, ship, eval.
 # Every stage is resumable: it runs with --resume, so rerunning the script after a stop continues from the
 # last checkpoint, and a finished stage only re-exports its outputs. Each stage logs to runs/mini/<stage>.log
@@ -32,6 +33,13 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-10}
 SAMPLE_CFG=${SAMPLE_CFG:-3}
 SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run that ships as weights/mini: LongAlign S+R at the paper's ω
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
+# The separate scorer and the long reward runs of Figure 5 (mini/README.md: "A judge that can see").
+SCORER_STEPS=${SCORER_STEPS:-4000}
+SCORER=${SCORER:-$RUNS/scorer/scorer}
+SFT_PIPELINE=${SFT_PIPELINE:-$RUNS/sft-segment/pipeline}  # the segment-SFT UNet the long rewards start from
+CURVE_STEPS=${CURVE_STEPS:-400}  # 10× the shipped reward's 40 steps
+CURVE_EVERY=${CURVE_EVERY:-100}  # a LoRA copy, and so a point of the curves, every this many steps
+CURVE_OMEGAS=${CURVE_OMEGAS:-0 0.3 0.5 1}
 # Threads per process. Two stages that do not depend on each other (clip and vae; the two SFT runs) can run
 # side by side with THREADS=1 each, which keeps 2 cores busier than one 2-thread process with small models.
 export OMP_NUM_THREADS=${THREADS:-2}
@@ -74,6 +82,46 @@ reward() {  # reward OMEGA: a fresh LoRA on the segment-SFT UNet ascends the ω-
         --steps "$REWARD_STEPS" --batch-size 8 --lr "$REWARD_LR" --warmup 5 --lora-rank 8 --rollout-steps 10 \
         --grad-stride 5 --cfg 3 --lora-dropout 0 --save-every 10 --sample-every 0 --workers 0 \
         --out "$RUNS/reward-$omega" --export "$RUNS/reward-$omega/pipeline" --resume
+}
+
+stage_scorer() {  # the separate judge (mini/scorer.py); each save checks it on 500 held-out val renders
+    run scorer python -m mini.pretrain --stage scorer --data shapes --from-scratch mini --steps "$SCORER_STEPS" \
+        --batch-size 64 --lr 1e-3 --warmup 100 --decay-from $((SCORER_STEPS * 4 / 5)) --ema 0.99 --save-every 250 \
+        --heldout 500 --workers 0 --out "$RUNS/scorer" --resume
+}
+
+stage_tables() {  # Tables 1 and 4, η and the error tables for the first scorer and the separate one
+    run tables python -m mini.tables --scorer "first=$PIPE/scorer" --scorer "separate=$SCORER" \
+        --heldout-log "$RUNS/scorer/heldout.jsonl" -o "$RUNS/tables.md" --figures "$RUNS/figures"
+}
+
+curve() {  # curve OMEGA: a long reward run with the separate scorer, its LoRA kept every CURVE_EVERY steps
+    local omega=$1 out=$RUNS/curves/reward-$1 step
+    for ((step = CURVE_EVERY; step <= CURVE_STEPS; step += CURVE_EVERY)); do
+        [ -f "$out/lora_step_$step.safetensors" ] && continue
+        run "curve-$omega-$step" python train.py --stage reward --data shapes --weights "$SFT_PIPELINE" \
+            --scorer "$SCORER" --omega "$omega" --steps "$step" --batch-size 8 --lr "$REWARD_LR" --warmup 5 \
+            --lora-rank 8 --rollout-steps 10 --grad-stride 5 --cfg 3 --lora-dropout 0 --save-every 20 \
+            --sample-every 0 --workers 0 --out "$out" --resume
+        cp "$out/lora.safetensors" "$out/lora_step_$step.safetensors"
+    done
+}
+
+stage_curves_eval() {  # every kept LoRA on the 500 test scenes, two noise seeds; then the curves and table
+    local seed omega step rows
+    for seed in 0 1; do
+        rows=(--row "SFT step 0=$SFT_PIPELINE")
+        for omega in $CURVE_OMEGAS; do
+            for ((step = CURVE_EVERY; step <= CURVE_STEPS; step += CURVE_EVERY)); do
+                rows+=(--row "ω=$omega step $step=$RUNS/curves/reward-$omega/lora_step_$step.safetensors")
+            done
+        done
+        run "curves-eval-$seed" python -m mini.evaluate --scenes "$EVAL_SCENES" --sample-steps "$SAMPLE_STEPS" \
+            --cfg "$SAMPLE_CFG" --seed "$seed" --scorer "$SCORER" --lora-base "$SFT_PIPELINE" "${rows[@]}" \
+            -o "$RUNS/curves/seed$seed.md"
+    done
+    run curves python -m mini.curves --seed-rows "0=$RUNS/curves/seed0.md.rows" \
+        --seed-rows "1=$RUNS/curves/seed1.md.rows" -o "$RUNS/curves.md" --figures "$RUNS/figures"
 }
 
 stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and the scorer, every weight file in fp16
@@ -131,7 +179,13 @@ stage() {
         reward-*) reward "${1#reward-}" ;;
         ship) stage_ship ;;
         eval) stage_eval ;;
-        *) echo "unknown stage $1 (clip, vae, sft-segment, sft-truncate, reward, reward-OMEGA, ship, eval)"; exit 2 ;;
+        scorer) stage_scorer ;;
+        tables) stage_tables ;;
+        curves) for omega in $CURVE_OMEGAS; do curve "$omega"; done ;;
+        curves-eval) stage_curves_eval ;;
+        curves-*) curve "${1#curves-}" ;;
+        *) echo "unknown stage $1 (clip, vae, sft-segment, sft-truncate, reward, reward-OMEGA, ship, eval, scorer," \
+                "tables, curves, curves-OMEGA, curves-eval)"; exit 2 ;;
     esac
 }
 
