@@ -40,6 +40,7 @@ from model.lora_formats import lora_metadata, save_lora_file
 from model.preference import KINDS, Scorer, direction_path, load_direction
 from model.record import TRAINING_RECORD_FILE
 from model.scheduler import read_scheduler_config, scheduler_options
+from model.speed import compile_for_training, prefer_channels_last, text_encoder_modules
 from model.t5 import (ADAPTER_CONFIGS, CLIPT5Encoder, TextAdapter, load_adapter, load_t5, load_t5_tokenizer,
                       save_adapter)
 from model.tokenizer import load_tokenizer
@@ -122,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute UNet (and, for reward, VAE) blocks in backward to save memory (default: on "
                         "for reward, whose 512² VAE decode with gradient needs it; off for sft)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (the reward rollout's too) and "
+                   "the text encoders: a one-off compile of minutes on a CPU, worth it for long runs")
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--device", help="default: the GPU of this rank, else cpu")
@@ -235,7 +238,7 @@ def load_unet_to_train(args, env: runtime.Env, text_encoder, vae):
         unet.enable_gradient_checkpointing()
         if args.stage == "reward":
             vae.enable_gradient_checkpointing()
-    return unet.train(), sft_lora
+    return prefer_channels_last(unet).train(), sft_lora  # after the LoRA's own convs exist
 
 
 def load_text_side(args, env: runtime.Env, text_encoder):
@@ -376,9 +379,11 @@ def main(argv=None) -> list[dict]:
 
         # The frozen parts: text encoder and VAE in the autocast dtype (and T5), the scorer for reward.
         text_encoder = load_text_encoder(args.weights, dtype=env.half, device=env.device).eval().requires_grad_(False)
-        vae = load_vae(args.weights, dtype=env.half, device=env.device).eval().requires_grad_(False)
+        vae = prefer_channels_last(load_vae(args.weights, dtype=env.half, device=env.device)).requires_grad_(False)
         unet, sft_lora = load_unet_to_train(args, env, text_encoder, vae)
         encoder, adapter = load_text_side(args, env, text_encoder)
+        if args.compile:  # after LoRA injection, checkpointing and .to(device): the graphs see the final models
+            compile_for_training(unet, text_encoder_modules(encoder))
         scorer, direction = None, None
         if args.stage == "reward":
             scorer = Scorer.load(args.scorer, kind=args.scorer_kind, dtype=env.half, device=env.device)

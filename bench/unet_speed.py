@@ -4,7 +4,7 @@
     python bench/unet_speed.py --device cuda --dtype fp16   # on a GPU: diffusers fp32 vs ours fp32 and fp16
 
 diffusers runs as a user runs it: eager, contiguous, fp32. Ours runs as sample.py runs it: channels-last
-(``model.unet.prefer_channels_last``), in fp32 and in the half dtype (bf16 on a CPU: only worth it where the
+(``model.speed.prefer_channels_last``), in fp32 and in the half dtype (bf16 on a CPU: only worth it where the
 CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
 (its own allocator and thread pool, as one sampling process would have), and they run one forward each in
 turn, alternating the order, so that load from other programs on the machine hits all of them alike. Each
@@ -45,7 +45,8 @@ def build(kind: str, dtype: torch.dtype, device: str):
     import diffusers  # the reference; only the benchmarks and the tests import it
 
     from model.convert import unet_config_to_diffusers
-    from model.unet import UNet2DConditionModel, prefer_channels_last
+    from model.speed import prefer_channels_last
+    from model.unet import UNet2DConditionModel
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
     config = {k: v for k, v in unet_config_to_diffusers(UNet2DConditionModel().config).items() if k[0] != "_"}

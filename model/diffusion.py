@@ -380,7 +380,9 @@ def sample_loop(unet, sampler, latents, cond, uncond, scale, progress=True):
     so 50 steps of fp16 rounding do not accumulate. Returns the final latents in `latents`' dtype.
     """
     x = _upcast(latents)
-    for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc="sampling", disable=not progress)):
+    # Each step's t as a 0-d tensor on the latents' device, not a Python int: a compiled UNet then traces one
+    # graph for every step (an int is a new constant to dynamo), and CUDA graphs record it once.
+    for i, t in enumerate(tqdm(sampler.timesteps.to(x.device), desc="sampling", disable=not progress)):
         x = sampler.step(guided_eps(unet, x, t, cond, uncond, scale), i, x)
     return x.to(latents.dtype)
 

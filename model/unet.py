@@ -86,17 +86,6 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=in_place_ok(x))
 
 
-def prefer_channels_last(model: nn.Module) -> nn.Module:
-    """Store the conv weights of ``model`` (a UNet or a VAE) channels-last (NHWC) and return it.
-
-    Activations follow the weights: every conv writes NHWC, and the GroupNorms, the transformer blocks'
-    token reshapes (views in this layout) and the skip concatenations keep it without copies. oneDNN (CPU)
-    and cuDNN's tensor-core kernels run NHWC convolutions natively: on an AVX512-BF16 CPU a bf16 SD-1.5 UNet
-    forward takes 0.85× its contiguous time, in fp32 about the same. Outputs are contiguous either way.
-    """
-    return model.to(memory_format=torch.channels_last)
-
-
 def maybe_checkpoint(enabled: bool, block: nn.Module, *args):
     """Run ``block(*args)``; with ``enabled`` and grad on, keep only its inputs and recompute it in backward."""
     if enabled and torch.is_grad_enabled():
@@ -379,8 +368,8 @@ class UNet2DConditionModel(nn.Module):
     L may be anything (77 for plain SD, 240 for LongAlign's segment encoding): cross-attention does not
     care how many context tokens there are. Set ``gradient_checkpointing = True`` (or call
     :meth:`enable_gradient_checkpointing`) to recompute each block in backward instead of storing its
-    activations; the reward stage needs this. :func:`prefer_channels_last` is the fast memory layout;
-    ``torch.compile(unet, fullgraph=True)`` traces the whole forward as one graph.
+    activations; the reward stage needs this. ``model.speed`` has its fast path: channels-last weights,
+    and ``torch.compile(unet, fullgraph=True)``, which traces the whole forward as one graph.
     """
 
     def __init__(self, cfg: UNetConfig = CONFIGS["sd15"]):

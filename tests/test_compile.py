@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) on the test-size UNet, VAE decoder and CLIP text encoder: no graph breaks, and
-the compiled outputs (and the UNet's gradients) equal the eager ones within 1e-4.
+"""torch.compile(fullgraph=True) on the test-size UNet, VAE decoder, CLIP text encoder and T5 encoder: no graph
+breaks, and the compiled outputs (and the UNet's gradients) equal the eager ones within 1e-4.
 
 fullgraph=True turns any graph break into an error, so each test fails on a break. Compiling on the CPU takes
 seconds to tens of seconds per model; these are the smallest configs.
@@ -9,6 +9,8 @@ import torch
 
 from model.clip import CONFIGS as CLIP_CONFIGS
 from model.clip import CLIPModel, CLIPTextModel
+from model.t5 import CONFIGS as T5_CONFIGS
+from model.t5 import T5EncoderModel
 from model.tokenizer import CLIPTokenizer, frame
 from model.unet import CONFIGS as UNET_CONFIGS
 from model.unet import UNet2DConditionModel
@@ -78,3 +80,12 @@ def test_scorer_text_embedding_compiles_whole():
     ids = torch.tensor([frame(CLIPTokenizer().encode("A red fox."), 77, 0)])
     with torch.no_grad():
         assert close(torch.compile(clip.encode_text, fullgraph=True)(ids), clip.encode_text(ids))
+
+
+def test_t5_encoder_compiles_whole_and_matches_eager():
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5_CONFIGS["test"]).eval()
+    # the release's 240 ids, far enough apart for the logarithmic position buckets
+    ids = torch.randint(T5_CONFIGS["test"].vocab_size, (2, 240), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert close(torch.compile(t5, fullgraph=True)(ids), t5(ids))

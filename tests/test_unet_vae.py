@@ -12,7 +12,8 @@ import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, prefer_channels_last
+from model.speed import prefer_channels_last
+from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, posterior_sample, to_uint8
 
 # The public runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json, the parts that matter.

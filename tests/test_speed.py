@@ -1,0 +1,68 @@
+"""The fast path of model/speed.py through the scripts: ``sample.py --compile`` gives the eager image within 1/255
+per pixel and ``train.py --compile`` the eager SFT losses within 1e-4, on the tiny pipelines that test_sample.py
+and test_train.py build; the channels-last default is checked against diffusers by test_sample.py itself.
+
+Compiling takes tens of seconds on a CPU, so each script compiles once, at the smallest sizes.
+"""
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from model.clip import CONFIGS as CLIP_CONFIGS, CLIPTextModel
+from model.longtext import LongPromptEncoder
+from model.speed import text_encoder_modules
+from model.t5 import ADAPTER_CONFIGS, CONFIGS as T5_CONFIGS, CLIPT5Encoder, T5EncoderModel, TextAdapter
+from model.tokenizer import CLIPTokenizer
+from test_sample import pixels, reference, run_sample, tiny_sd  # noqa: F401 (reference: tiny_sd's fixture)
+from test_train import losses, tiny_args, world  # noqa: F401 (world: a fixture)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    torch._dynamo.reset()  # each test compiles from scratch: no graph cached by another test
+    yield
+    torch._dynamo.reset()
+
+
+def watch_calls(monkeypatch, script, function_name: str) -> list:
+    """Record the first argument of every call of ``script.<function_name>``: what the script compiled."""
+    seen, original = [], getattr(script, function_name)
+
+    def watch(first, *rest, **kwargs):
+        seen.append(first)
+        return original(first, *rest, **kwargs)
+
+    monkeypatch.setattr(script, function_name, watch)
+    return seen
+
+
+def test_compiled_sampling_gives_the_eager_image(tiny_sd, tmp_path, monkeypatch):
+    run_sample("a red cube on a blue sphere", tiny_sd, tmp_path / "eager.png", "--steps", "2")
+    compiled = watch_calls(monkeypatch, sample, "compile_for_sampling")
+    run_sample("a red cube on a blue sphere", tiny_sd, tmp_path / "compiled.png", "--steps", "2", "--compile")
+    assert len(compiled) == 1
+    pipe = compiled[0]
+    assert all(m._compiled_call_impl is not None for m in (pipe.unet, pipe.vae.decoder, pipe.text_encoder))
+    eager, fast = pixels(tmp_path / "eager.png"), pixels(tmp_path / "compiled.png")
+    assert eager.std() > 5  # a real picture, not a flat field that would match anything
+    assert np.abs(fast - eager).max() <= 1
+
+
+def test_compiled_sft_gives_the_eager_losses(world, tmp_path, monkeypatch):
+    # no LoRA dropout: compiled dropout draws other random numbers than eager's
+    options = ("--steps", "2", "--lora-dropout", "0")
+    eager = losses(train.main(tiny_args(world, tmp_path / "eager", "sft", *options)))
+    compiled = watch_calls(monkeypatch, train, "compile_for_training")
+    fast = losses(train.main(tiny_args(world, tmp_path / "compiled", "sft", *options, "--compile")))
+    assert len(compiled) == 1 and compiled[0]._compiled_call_impl is not None
+    assert np.allclose(fast, eager, rtol=0, atol=1e-4), (fast, eager)  # step 2 follows compiled gradients
+
+
+def test_text_encoder_modules_name_every_network_of_the_context():
+    text = CLIPTextModel(CLIP_CONFIGS["test"].text)
+    t5, adapter = T5EncoderModel(T5_CONFIGS["test"]), TextAdapter(ADAPTER_CONFIGS["test"])
+    clip = LongPromptEncoder(CLIPTokenizer(), text)
+    assert text_encoder_modules(clip) == [text]
+    assert text_encoder_modules(CLIPT5Encoder(clip, None, t5, adapter)) == [text, t5, adapter]
