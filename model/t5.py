@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from model.convert import Layout, WeightsError
+from model.meta import empty_model
 from model.unet import GEGLU
 from model.weights import find_file, load_strict, read_config, read_state_dict, save_state_dict, write_json
 
@@ -252,9 +253,7 @@ def load_t5(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise WeightsError(f"no config.json beside {weights}: pass a transformers T5 folder (as google-t5/t5-large "
                            "on the Hub), which holds config.json next to the weights.")
     state = t5_encoder_state(read_state_dict(weights), weights)
-    with torch.device("meta"):  # loading overwrites every tensor, so skip the random init
-        model = T5EncoderModel(t5_config_from_transformers(hf_config, weights))
-    model = model.to_empty(device=device or "cpu")
+    model = empty_model(lambda: T5EncoderModel(t5_config_from_transformers(hf_config, weights)), device)
     return load_strict(model, state, Layout.TRANSFORMERS, dtype, device).eval()
 
 
@@ -363,10 +362,8 @@ def load_adapter(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                            "TextAdapter. Pass the adapter folder.")
     cfg = AdapterConfig(**{k: hf_config[k] for k in ("in_dim", "int_dim", "out_dim") if k in hf_config})
     state = read_state_dict(find_file(folder, ADAPTER_FILES, "adapter"))
-    with torch.device("meta"):
-        adapter = TextAdapter(cfg)
     # eval: its dropout is for SFT only (train.py switches it on there), never for sampling
-    return load_strict(adapter.to_empty(device=device or "cpu"), state, Layout.DIFFUSERS, dtype, device).eval()
+    return load_strict(empty_model(lambda: TextAdapter(cfg), device), state, Layout.DIFFUSERS, dtype, device).eval()
 
 
 def save_adapter(adapter: TextAdapter, folder: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from model.convert import (SINGLE_FILE_PREFIXES, Layout, WeightsError, clip_conf
                            is_single_file, modern_vae_attention, open_clip_to_transformers,
                            text_config_to_transformers, unet_config_from_diffusers, unet_config_to_diffusers,
                            unet_from_ldm, vae_config_from_diffusers, vae_config_to_diffusers, vae_from_ldm)
+from model.meta import empty_model
 from model.scheduler import SD15_DDIM_CONFIG, read_scheduler_config
 from model.tokenizer import CLIPTokenizer, load_tokenizer
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel, UNetConfig
@@ -189,13 +190,6 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], layout:
     return module.to(device=device, dtype=dtype)
 
 
-def _empty(model_class, cfg, device) -> torch.nn.Module:
-    """The model with uninitialised storage: loading overwrites every tensor, so a random init would be wasted."""
-    with torch.device("meta"):
-        model = model_class(cfg)
-    return model.to_empty(device=device or "cpu")
-
-
 # ---- Building CLIP models ----
 
 def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -219,7 +213,7 @@ def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype | None = None,
         # transformers >= 5 and the oldest single files store the tower without its "text_model." wrapper
         state = {"text_model." + k: v for k, v in state.items()}
     cfg = infer_text_config(state, hf_config, layout)
-    return load_strict(_empty(CLIPTextModel, cfg, device), state, layout, dtype, device)
+    return load_strict(empty_model(lambda: CLIPTextModel(cfg), device), state, layout, dtype, device)
 
 
 def load_clip(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -239,7 +233,7 @@ def load_clip(path: str | os.PathLike, dtype: torch.dtype | None = None,
         layout, hf_config = Layout.OPEN_CLIP, None
         state = open_clip_to_transformers(state)
     cfg = infer_clip_config(state, hf_config, layout)
-    return load_strict(_empty(CLIPModel, cfg, device), state, layout, dtype, device)
+    return load_strict(empty_model(lambda: CLIPModel(cfg), device), state, layout, dtype, device)
 
 
 # ---- Building the SD-1.5 UNet and VAE ----
@@ -260,7 +254,7 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
     _expect_model(state, "time_embedding.linear_1.weight", "a UNet", path)
     cfg = UNET_CONFIGS[config] if isinstance(config, str) else config
     cfg = cfg or (unet_config_from_diffusers(hf_config) if hf_config else infer_unet_config(state))
-    return load_strict(_empty(UNet2DConditionModel, cfg, device), state, layout, dtype, device).eval()
+    return load_strict(empty_model(lambda: UNet2DConditionModel(cfg), device), state, layout, dtype, device).eval()
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -275,7 +269,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     _expect_model(state, "encoder.conv_in.weight", "a VAE", path)
     cfg = VAE_CONFIGS[config] if isinstance(config, str) else config
     cfg = cfg or (vae_config_from_diffusers(hf_config) if hf_config else infer_vae_config(state))
-    return load_strict(_empty(AutoencoderKL, cfg, device), state, layout, dtype, device).eval()
+    return load_strict(empty_model(lambda: AutoencoderKL(cfg), device), state, layout, dtype, device).eval()
 
 
 # A key only the original (ldm) names have, per model: it tells a stand-alone ldm file from a diffusers one.

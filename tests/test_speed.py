@@ -4,6 +4,11 @@ and test_train.py build; the channels-last default is checked against diffusers 
 
 Compiling takes tens of seconds on a CPU, so each script compiles once, at the smallest sizes.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +17,14 @@ import sample
 import train
 from model.clip import CONFIGS as CLIP_CONFIGS, CLIPTextModel
 from model.longtext import LongPromptEncoder
+from model.meta import empty_model
 from model.speed import text_encoder_modules
 from model.t5 import ADAPTER_CONFIGS, CONFIGS as T5_CONFIGS, CLIPT5Encoder, T5EncoderModel, TextAdapter
 from model.tokenizer import CLIPTokenizer
 from test_sample import pixels, reference, run_sample, tiny_sd  # noqa: F401 (reference: tiny_sd's fixture)
 from test_train import losses, tiny_args, world  # noqa: F401 (world: a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +74,24 @@ def test_text_encoder_modules_name_every_network_of_the_context():
     clip = LongPromptEncoder(CLIPTokenizer(), text)
     assert text_encoder_modules(clip) == [text]
     assert text_encoder_modules(CLIPT5Encoder(clip, None, t5, adapter)) == [text, t5, adapter]
+
+
+def test_a_fast_start_loads_the_miniature_without_the_compiler_stack_or_triton():
+    """The README's first command: loading builds every model on the meta device (model/meta.py), where
+    nn.Embedding's own init would import torch._dynamo; neither it nor triton may be loaded on the way."""
+    code = ("import sys; from model.weights import load_pipeline; from model.t5 import TextAdapter; "
+            "from model.meta import empty_model; load_pipeline('weights/mini'); "
+            "empty_model(lambda: TextAdapter(), 'cpu'); "
+            "print('torch._dynamo' in sys.modules, 'triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "LONGALIGN_KERNELS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_an_empty_model_has_every_tensor_and_leaves_embedding_init_alone():
+    model = empty_model(lambda: CLIPTextModel(CLIP_CONFIGS["test"].text), "cpu")
+    assert all(not p.is_meta for p in model.state_dict().values())
+    torch.manual_seed(0)
+    fresh = torch.nn.Embedding(4, 3).weight
+    assert fresh.abs().sum() > 0  # nn.Embedding initialises again outside empty_model
