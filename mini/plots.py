@@ -13,6 +13,12 @@ MARGIN = dict(left=70, right=170, top=40, bottom=50)  # the legend sits in the r
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
 DASHES = {0: None, 1: 6}  # series k of a colour group: solid, then dashed (a second seed)
+# PIL's built-in font has no Greek or maths signs, so labels are spelt out in ASCII.
+SPELT_OUT = str.maketrans({"η": "eta", "ω": "w", "⊥": "_perp", "×": "x", "é": "e", "·": "."})
+
+
+def text(draw: ImageDraw.ImageDraw, xy, label: str, font, **anchor) -> None:
+    draw.text(xy, label.translate(SPELT_OUT), fill=(0, 0, 0), font=font, **anchor)
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -40,14 +46,14 @@ class Axes:
         for x in self.x_ticks:
             px = self.px(x, self.y0)[0]
             draw.line([px, self.bottom, px, self.bottom + 4], fill=(0, 0, 0))
-            draw.text((px, self.bottom + 6), f"{x:g}", fill=(0, 0, 0), font=self.font, anchor="ma")
+            text(draw, (px, self.bottom + 6), f"{x:g}", self.font, anchor="ma")
         for y in self.y_ticks:
             py = self.px(self.x0, y)[1]
             draw.line([self.left - 4, py, self.right, py], fill=(225, 225, 225))
-            draw.text((self.left - 6, py), f"{y:g}", fill=(0, 0, 0), font=self.font, anchor="rm")
-        draw.text(((self.left + self.right) / 2, 12), title, fill=(0, 0, 0), font=self.font, anchor="ma")
-        draw.text(((self.left + self.right) / 2, SIZE[1] - 18), x_label, fill=(0, 0, 0), font=self.font, anchor="ma")
-        draw.text((8, self.top - 16), y_label, fill=(0, 0, 0), font=self.font)
+            text(draw, (self.left - 6, py), f"{y:g}", self.font, anchor="rm")
+        text(draw, ((self.left + self.right) / 2, 12), title, self.font, anchor="ma")
+        text(draw, ((self.left + self.right) / 2, SIZE[1] - 18), x_label, self.font, anchor="ma")
+        text(draw, (8, self.top - 16), y_label, self.font)
 
     def px(self, x: float, y: float) -> tuple[float, float]:
         fx = (x - self.x0) / (self.x1 - self.x0)
@@ -57,7 +63,7 @@ class Axes:
     def legend(self, row: int, label: str, colour, dash: int | None) -> None:
         y = self.top + 8 + 16 * row
         self.polyline([(self.right + 10, y), (self.right + 34, y)], colour, dash, in_pixels=True)
-        self.draw.text((self.right + 40, y), label, fill=(0, 0, 0), font=self.font, anchor="lm")
+        text(self.draw, (self.right + 40, y), label, self.font, anchor="lm")
 
     def polyline(self, points, colour, dash: int | None, in_pixels: bool = False) -> None:
         pixels = points if in_pixels else [self.px(x, y) for x, y in points]

@@ -107,7 +107,7 @@ curve() {  # curve OMEGA: a long reward run with the separate scorer, its LoRA k
     done
 }
 
-stage_curves_eval() {  # every kept LoRA on the 500 test scenes, two noise seeds; then the curves and table
+stage_curves_eval() {  # every kept LoRA on the 500 test scenes, two noise seeds side by side; then the curves
     local seed omega step rows
     for seed in 0 1; do
         rows=(--row "SFT step 0=$SFT_PIPELINE")
@@ -116,19 +116,21 @@ stage_curves_eval() {  # every kept LoRA on the 500 test scenes, two noise seeds
                 rows+=(--row "ω=$omega step $step=$RUNS/curves/reward-$omega/lora_step_$step.safetensors")
             done
         done
-        run "curves-eval-$seed" python -m mini.evaluate --scenes "$EVAL_SCENES" --sample-steps "$SAMPLE_STEPS" \
-            --cfg "$SAMPLE_CFG" --seed "$seed" --scorer "$SCORER" --lora-base "$SFT_PIPELINE" "${rows[@]}" \
-            -o "$RUNS/curves/seed$seed.md"
+        OMP_NUM_THREADS=1 run "curves-eval-$seed" python -m mini.evaluate --scenes "$EVAL_SCENES" \
+            --sample-steps "$SAMPLE_STEPS" --cfg "$SAMPLE_CFG" --seed "$seed" --scorer "$SCORER" \
+            --lora-base "$SFT_PIPELINE" "${rows[@]}" -o "$RUNS/curves/seed$seed.md" &
     done
+    wait
     run curves python -m mini.curves --seed-rows "0=$RUNS/curves/seed0.md.rows" \
         --seed-rows "1=$RUNS/curves/seed1.md.rows" -o "$RUNS/curves.md" --figures "$RUNS/figures"
 }
 
-stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and the scorer, every weight file in fp16
+stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and both scorers, every weight file in fp16
     rm -rf weights/mini.tmp
     mkdir -p weights/mini.tmp
     cp -r "$RUNS/$SHIP_FROM/pipeline/." weights/mini.tmp/
     cp -r "$PIPE/scorer" weights/mini.tmp/scorer
+    if [ -d "$SCORER" ]; then cp -r "$SCORER" weights/mini.tmp/separate_scorer; fi  # the judge of the §4 runs
     python - weights/mini.tmp "$SAMPLE_STEPS" "$SAMPLE_CFG" <<'PY'
 import json
 import sys
