@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from mini.metrics import write_report
 from mini.plots import line_chart
 
 MEASURES = {"all": ("facts, all (%)", "curve_facts.png"),
@@ -93,16 +94,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        text = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
-    return 0
+    return write_report(run, parse_args(argv))
 
 
 if __name__ == "__main__":

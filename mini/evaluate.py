@@ -24,7 +24,7 @@ import torch
 from mini import world
 from mini.metrics import (LOST_FROM, SHIPPED, caption_statistics, fact_accuracy, frechet_distance, generate,
                           image_features, last_change, load_row_pipeline, load_scorer, mean_scores, parse_row,
-                          renders, retrieval_table, scene_noise)
+                          renders, retrieval_table, scene_noise, write_report)
 from model.preference import KINDS
 
 EVAL_FILE = "eval_shapes.md"
@@ -139,17 +139,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        markdown = run(args)
-    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
-        print(f"error: {' '.join(line.strip() for line in str(err).splitlines())}", file=sys.stderr)
-        return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown, encoding="utf-8")
-    print(markdown)
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return write_report(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Images are uint8 pixels [N, 64, 64, 3] throughout, as the checker and PIL read t
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +195,22 @@ def mean_scores(scorer: Scorer, features: torch.Tensor, captions: list[str], dir
     original = (text * image_unit).sum(-1)
     relevant = original - (text @ direction.cpu()) * (image_unit @ direction.cpu())
     return 100 * original.mean().item(), 100 * relevant.mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report scripts' common ending
+# ----------------------------------------------------------------------------------------------------------
+
+def write_report(run, args) -> int:
+    """``run(args)`` -> markdown, written to ``args.output`` and printed: the end of every report script's
+    main. Bad input (a ValueError, WeightsError included) gives one clear line and exit code 2, no traceback."""
+    try:
+        markdown = run(args)
+    except ValueError as err:
+        print(f"error: {' '.join(line.strip() for line in str(err).splitlines())}", file=sys.stderr)
+        return 2
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0

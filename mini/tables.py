@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mini import world
-from mini.metrics import image_features, load_scorer, renders
+from mini.metrics import image_features, load_scorer, renders, write_report
 from mini.plots import histogram_chart, line_chart
 from mini.probes import scorer_error_table
 from model.preference import prompt_embeddings, recall_table
@@ -112,16 +112,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        text = run(args)
-    except ValueError as err:  # bad input (WeightsError included): one clear line, no traceback
-        print(f"error: {' '.join(line.strip() for line in str(err).splitlines())}", file=sys.stderr)
-        return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
-    return 0
+    return write_report(run, parse_args(argv))
 
 
 if __name__ == "__main__":
