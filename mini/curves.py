@@ -25,6 +25,7 @@ MEASURES = {"all": ("facts, all (%)", "curve_facts.png"),
             "fd": ("Fréchet distance to real renders", "curve_frechet.png"),
             "original": ("score-O ×100, C_X·C_P", "curve_score_original.png"),
             "relevant": ("score ×100, C_X·C_P⊥", "curve_score_relevant.png")}
+DIGITS = {"all": ".1f", "after77": ".1f", "fd": ".3f", "original": ".2f", "relevant": ".2f"}
 ROW_NAME = re.compile(r"^(?:ω=(?P<omega>[0-9.]+)|SFT) step (?P<step>\d+)$")
 
 
@@ -76,8 +77,7 @@ def table(by_seed: dict[str, dict]) -> list[str]:
         for measure in MEASURES:
             for seed in seeds:
                 row = by_seed[seed].get((omega, step))
-                cells.append("" if row is None else f"{row[measure]:.3f}" if measure == "fd" else f"{row[measure]:.1f}"
-                             if measure in ("all", "after77") else f"{row[measure]:.2f}")
+                cells.append("" if row is None else format(row[measure], DIGITS[measure]))
         lines.append(f"| {'SFT' if omega is None else f'ω={omega}'} | {step} | " + " | ".join(cells) + " |")
     return lines
 

@@ -90,7 +90,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
         colour_index, dash_index = (groups or {}).get(label, (row, 0))
         colour, dash = PALETTE[colour_index % len(PALETTE)], DASHES.get(dash_index)
         values = sorted(values)
-        axes.polyline(values, colour, dash) if len(values) > 1 else None
+        if len(values) > 1:
+            axes.polyline(values, colour, dash)
         for x, y in values:
             cx, cy = axes.px(x, y)
             axes.draw.ellipse([cx - 2.5, cy - 2.5, cx + 2.5, cy + 2.5], fill=colour)

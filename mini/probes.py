@@ -89,26 +89,37 @@ CAPTION_ERRORS = {"two objects' colours swapped": swap_two_colours, "one colour 
 
 
 @torch.no_grad()
+def error_margins(scorer: Scorer, direction: torch.Tensor | None, split: str, examples: list, images: torch.Tensor,
+                  true, put_error, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """True minus wrong score, (original, text-relevant) [K], over the K examples of ``split`` whose caption
+    ``put_error`` can change (worded and ordered like the true one); None when it changes none. ``true`` holds
+    the score parts of all the examples with their own captions, ``images`` their renders in [0, 1]."""
+    changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
+    kept = [(i, scene) for i, scene in changed if scene is not None]
+    if not kept:
+        return None
+    index = torch.tensor([i for i, _ in kept])
+    wrong = scorer.score(images[index], [same_wording_caption(split, i, scene) for i, scene in kept], direction)
+    return true.original[index] - wrong.original, true.relevant[index] - wrong.relevant
+
+
 def scorer_error_table(scorer: Scorer, direction: torch.Tensor, n_scenes: int) -> list[str]:
     """Markdown rows: how often the true caption outscores the same caption with one error put in, over the
     first ``n_scenes`` held-out real renders, for the original score and its text-relevant part (§4)."""
     examples = world.shapes_split("test", n_scenes)
     images = renders(examples).permute(0, 3, 1, 2).float().div(255)
-    true = scorer.score(images, [caption for _, caption in examples], direction)
+    with torch.no_grad():
+        true = scorer.score(images, [caption for _, caption in examples], direction)
     rng = random.Random(0)
     rows = ["| error put into the caption | renders | true caption scores higher: original (%) | "
             "text-relevant (%) | mean margin ×100, original / text-relevant |", "|---|---|---|---|---|"]
     for name, put_error in CAPTION_ERRORS.items():
-        changed = [(i, put_error(scene, rng)) for i, (scene, _) in enumerate(examples)]
-        kept = [(i, scene) for i, scene in changed if scene is not None]
-        if not kept:
+        margins = error_margins(scorer, direction, "test", examples, images, true, put_error, rng)
+        if margins is None:
             rows.append(f"| {name} | 0 | | | |")
             continue
-        index = torch.tensor([i for i, _ in kept])
-        wrong = scorer.score(images[index], [same_wording_caption("test", i, scene) for i, scene in kept],
-                             direction)
-        original, relevant = true.original[index] - wrong.original, true.relevant[index] - wrong.relevant
-        rows.append(f"| {name} | {len(kept)} | {100 * (original > 0).float().mean():.1f} | "
+        original, relevant = margins
+        rows.append(f"| {name} | {len(original)} | {100 * (original > 0).float().mean():.1f} | "
                     f"{100 * (relevant > 0).float().mean():.1f} | "
                     f"{100 * original.mean():.2f} / {100 * relevant.mean():.2f} |")
     return rows
