@@ -7,7 +7,8 @@
 #
 # Stages: clip, vae, sft-segment, sft-truncate, reward (ω = 0, 0.3, 1; or reward-OMEGA), ship, eval; and for
 # LongAlign §4 with a separate judge: scorer, tables, curves (ω = 0, 0.3, 0.5, 1; or curves-OMEGA), curves-eval.
-# With no arguments: clip ∥ vae, then sft-segment ∥ sft-truncate, then the three rewards, ship, eval.
+# With no arguments: clip ∥ vae, sft-segment ∥ sft-truncate, the three rewards, scorer, the four curves (two
+# at a time), ship, eval, curves-eval, tables.
 # Every stage is resumable: it runs with --resume, so rerunning the script after a stop continues from the
 # last checkpoint, and a finished stage only re-exports its outputs. Each stage logs to runs/mini/<stage>.log
 # and records its wall time in runs/mini/times.txt.
@@ -15,7 +16,7 @@
 # Training runs at fp32 in runs/mini/*; `ship` writes weights/mini as fp16 (the pipeline sample.py loads
 # by default, plus scorer/ with its direction.safetensors, and the sampling settings in longalign.json);
 # `eval` writes runs/mini/eval.md.
-# The step counts below take about 7 h 30 min on 2 shared CPU cores (SFT alone about 7 h 10 min).
+# The step counts below take about 9 h 30 min on 2 shared CPU cores (SFT about 7 h 10 min, scorer 1 h 30 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,7 @@ EVAL_SCENES=${EVAL_SCENES:-500}
 # sample.py with no flags samples the shipped model the way it was measured.
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}
 SAMPLE_CFG=${SAMPLE_CFG:-3}
-SHIP_FROM=${SHIP_FROM:-reward-0.3}  # the run that ships as weights/mini: LongAlign S+R at the paper's ω
+SHIP_FROM=${SHIP_FROM:-curves/reward-0.3}  # ships as weights/mini: LongAlign S+R at the paper's ω, 400 steps
 PIPE=$RUNS/pipeline  # the fp32 pipeline folder the stages assemble
 # The separate scorer and the long reward runs of Figure 5 (mini/README.md: "A judge that can see").
 SCORER_STEPS=${SCORER_STEPS:-4000}
@@ -97,14 +98,17 @@ stage_tables() {  # Tables 1 and 4, η and the error tables for the first scorer
 
 curve() {  # curve OMEGA: a long reward run with the separate scorer, its LoRA kept every CURVE_EVERY steps
     local omega=$1 out=$RUNS/curves/reward-$1 step
+    local common=(--stage reward --data shapes --weights "$SFT_PIPELINE" --scorer "$SCORER" --omega "$omega"
+                  --batch-size 8 --lr "$REWARD_LR" --warmup 5 --lora-rank 8 --rollout-steps 10 --grad-stride 5
+                  --cfg 3 --lora-dropout 0 --save-every 20 --sample-every 0 --workers 0 --out "$out" --resume)
     for ((step = CURVE_EVERY; step <= CURVE_STEPS; step += CURVE_EVERY)); do
         [ -f "$out/lora_step_$step.safetensors" ] && continue
-        run "curve-$omega-$step" python train.py --stage reward --data shapes --weights "$SFT_PIPELINE" \
-            --scorer "$SCORER" --omega "$omega" --steps "$step" --batch-size 8 --lr "$REWARD_LR" --warmup 5 \
-            --lora-rank 8 --rollout-steps 10 --grad-stride 5 --cfg 3 --lora-dropout 0 --save-every 20 \
-            --sample-every 0 --workers 0 --out "$out" --resume
+        run "curve-$omega-$step" python train.py "${common[@]}" --steps "$step"
         cp "$out/lora.safetensors" "$out/lora_step_$step.safetensors"
     done
+    # the finished run as a pipeline, merged into the SFT UNet (`ship` takes ω = 0.3's); training is done, so
+    # this only exports
+    run "curve-$omega-export" python train.py "${common[@]}" --steps "$CURVE_STEPS" --export "$out/pipeline"
 }
 
 stage_curves_eval() {  # every kept LoRA on the 500 test scenes, two noise seeds side by side; then the curves
@@ -130,7 +134,11 @@ stage_ship() {  # weights/mini: the $SHIP_FROM pipeline and both scorers, every 
     mkdir -p weights/mini.tmp
     cp -r "$RUNS/$SHIP_FROM/pipeline/." weights/mini.tmp/
     cp -r "$PIPE/scorer" weights/mini.tmp/scorer
-    if [ -d "$SCORER" ]; then cp -r "$SCORER" weights/mini.tmp/separate_scorer; fi  # the judge of the §4 runs
+    if [ -d "$SCORER" ]; then  # the judge of the §4 runs, with its held-out check log
+        cp -r "$SCORER" weights/mini.tmp/separate_scorer
+        local log=$(dirname "$SCORER")/heldout.jsonl
+        if [ -f "$log" ]; then cp "$log" weights/mini.tmp/separate_scorer/; fi
+    fi
     python - weights/mini.tmp "$SAMPLE_STEPS" "$SAMPLE_CFG" <<'PY'
 import json
 import sys
@@ -143,7 +151,8 @@ for path in folder.glob("*/*.safetensors"):
     if path.name != "direction.safetensors":  # V is 64 floats; it stays fp32
         save_state_dict({k: v.half() if v.is_floating_point() else v for k, v in read_state_dict(path).items()}, path)
 record = json.loads((folder / "longalign.json").read_text())
-record["sampling"] = {"sampler": "dpm", "steps": steps, "cfg": cfg}
+# fp32: the precision the README image and the tests' pixel checks were made in, on every CPU
+record["sampling"] = {"sampler": "dpm", "steps": steps, "cfg": cfg, "dtype": "fp32"}
 (folder / "longalign.json").write_text(json.dumps(record, indent=2) + "\n")
 PY
     rm -rf weights/mini
@@ -158,12 +167,14 @@ stage_eval() {  # the evaluation table: facts, Fréchet distance, Table 1 and η
                 "segment SFT=$RUNS/sft-segment/pipeline"
                 "segment SFT + reward ω=0=$RUNS/reward-0/pipeline"
                 "segment SFT + reward ω=0.3=$RUNS/reward-0.3/pipeline"
-                "segment SFT + reward ω=1=$RUNS/reward-1/pipeline")
+                "segment SFT + reward ω=1=$RUNS/reward-1/pipeline"
+                "segment SFT + reward ω=0.3, 400 steps, separate scorer=$RUNS/curves/reward-0.3/pipeline")
     # Two one-thread processes share the rows (each row's numbers are cached beside eval.md); the last call
     # finds every row cached and writes the table.
     OMP_NUM_THREADS=1 python -m mini.evaluate "${common[@]}" --row "${rows[0]}" --row "${rows[2]}" --row "${rows[4]}" \
         > "$RUNS/eval-a.log" 2>&1 &
-    OMP_NUM_THREADS=1 python -m mini.evaluate "${common[@]}" --row "${rows[1]}" --row "${rows[3]}" > "$RUNS/eval-b.log" 2>&1
+    OMP_NUM_THREADS=1 python -m mini.evaluate "${common[@]}" --row "${rows[1]}" --row "${rows[3]}" --row "${rows[5]}" \
+        > "$RUNS/eval-b.log" 2>&1
     wait
     local all=()
     for row in "${rows[@]}"; do all+=(--row "$row"); done
@@ -204,8 +215,13 @@ if [ $# -eq 0 ]; then
     side_by_side clip vae
     side_by_side sft-segment sft-truncate
     side_by_side reward-0 reward-0.3 reward-1
+    stage scorer
+    side_by_side curves-0 curves-0.3
+    side_by_side curves-0.5 curves-1
     stage ship
     stage eval
+    stage curves-eval
+    stage tables
     exit 0
 fi
 for name in "$@"; do

@@ -63,7 +63,7 @@ def test_sample_py_with_no_weights_flag_uses_the_miniature(tmp_path, capsys):
 
 def test_sample_py_with_no_flags_draws_the_captions_facts(tmp_path, capsys):
     """The miniature's main job: `python sample.py "<caption>"`, no flags, writes an image whose facts hold. It samples
-    with the settings weights/mini/longalign.json records (those of the README table, 88.0% of facts over 500
+    with the settings weights/mini/longalign.json records (those of the README table, 89.1% of facts over 500
     scenes). Over the first 8 held-out captions (about 60 facts, a standard error near 5 points) at least 70%
     of the facts must hold, by mini.world.check_facts."""
     holds = []
