@@ -36,7 +36,7 @@ from model.record import MAX_STEPS, fill_sampling_defaults, training_record
 from model.sample_folder import (MANIFEST, RANK_MANIFEST, SEED_RANGE, PromptItem, append_line, images_on_disk,
                                  merge_manifest, rank_batches, read_prompt_file, write_png)
 from model.scheduler import SAMPLER_NAMES, make_sampler
-from model.speed import compile_for_sampling, prefer_channels_last, text_encoder_modules
+from model.speed import compile_for_sampling, keep_freed_memory, prefer_channels_last, text_encoder_modules
 from model.t5 import CLIPT5Encoder, load_adapter, load_t5, load_t5_tokenizer, longsd_files
 from model.vae import to_uint8
 from model.weights import Pipeline, WeightsError, load_pipeline
@@ -300,6 +300,8 @@ def prepare(args, prompts: list[str]) -> Setup:
     record = training_record(weights)
     fill_sampling_defaults(args, record, release=args.longsd is not None)
     device, dtype = pick_device(args)
+    if device.type == "cpu":
+        keep_freed_memory()  # every denoising step reuses the last one's activation memory
     pipe, lora_encoding = load_model(args, weights, device, dtype)
     for model in (pipe.unet, pipe.vae):  # NHWC convolutions, laid out after the dtype cast and the LoRA merge
         prefer_channels_last(model)

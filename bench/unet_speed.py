@@ -4,8 +4,9 @@
     python bench/unet_speed.py --device cuda --dtype fp16   # on a GPU: diffusers fp32 vs ours fp32 and fp16
 
 diffusers runs as a user runs it: eager, contiguous, fp32. Ours runs as sample.py runs it: channels-last
-(``model.speed.prefer_channels_last``), in fp32 and in the half dtype (bf16 on a CPU: only worth it where the
-CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
+(``model.speed.prefer_channels_last``), conv weights laid out once for oneDNN (model/packed_conv.py), freed
+memory kept for reuse on the CPU (``model.speed.keep_freed_memory``), in fp32 and in the half dtype (bf16 on
+a CPU: only worth it where the CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
 (its own allocator and thread pool, as one sampling process would have), and they run one forward each in
 turn, alternating the order, so that load from other programs on the machine hits all of them alike. Each
 figure is the median over ``--repeats`` forwards after one untimed forward; the table gives wall time and
@@ -17,9 +18,7 @@ CPU time counts work only.
 (the weights become constants that oneDNN lays out once, not at every call; the frozen copy doubles ours'
 memory); the compile itself, a minute or two on a CPU, happens in the untimed forward.
 
-``--keep-freed-memory`` starts our workers with glibc told to keep freed memory for reuse (its
-``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``): by default every large activation of a forward
-is fresh memory from the kernel, and its page faults cost about a tenth of an fp32 forward on the CPU.
+``--plain-memory`` leaves glibc's defaults in our workers too, to show what keeping freed memory is worth.
 """
 import argparse
 import multiprocessing
@@ -36,8 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: find model/
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# glibc keeps blocks up to 32 MB (its maximum) in the heap and never trims the heap's top.
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def build(kind: str, dtype: torch.dtype, device: str):
@@ -70,6 +67,9 @@ def build(kind: str, dtype: torch.dtype, device: str):
 def worker(connection, kind: str, dtype_name: str, args) -> None:
     """Build one contender, then answer "out" (its output) and "run" (time one forward) until "stop"."""
     dtype, device = DTYPES[dtype_name], args.device
+    if kind != "diffusers" and device == "cpu" and not args.plain_memory:
+        from model.speed import keep_freed_memory
+        keep_freed_memory()  # as sample.py does on the CPU
     forward, _ = build(kind, dtype, device)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(args.batch, 4, args.size, args.size, generator=generator).to(device, dtype)
@@ -95,15 +95,11 @@ def start_workers(contenders: list[tuple[str, str]], args) -> dict:
     """One process per contender, started one after the other (each briefly holds two copies of the UNet)."""
     context = multiprocessing.get_context("spawn")
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when a worker's OpenMP starts
-    workers, environment = {}, dict(os.environ)
+    workers = {}
     for kind, dtype in contenders:
         ours_end, theirs_end = context.Pipe()
         process = context.Process(target=worker, args=(theirs_end, kind, dtype, args), daemon=True)
-        if kind != "diffusers" and args.keep_freed_memory:
-            os.environ.update(KEEP_FREED_MEMORY)  # a spawned process starts with the environment of now
         process.start()
-        os.environ.clear()
-        os.environ.update(environment)
         while not ours_end.poll(5):
             if not process.is_alive():
                 sys.exit(f"error: the {kind} {dtype} worker did not start")
@@ -146,7 +142,7 @@ def machine(device: str) -> str:
 def report(args, times: dict, differences: dict, load_before: str) -> None:
     print(f"SD-1.5 UNet forward: {machine(args.device)} (before: {load_before}); batch {args.batch}, latents "
           f"{args.size}×{args.size}, context {args.context}; medians of {args.repeats}, interleaved"
-          + ("; ours keep freed memory" if args.keep_freed_memory else ""))
+          + ("; ours with glibc's default memory reuse" if args.plain_memory else ""))
     print(f"{'contender':<18} {'wall s':>8} {'x diffusers':>11} {'cpu s':>8} {'x diffusers':>11} {'max |diff|':>10}")
     reference = next(iter(times))
     wall0 = statistics.median(t[0] for t in times[reference])
@@ -165,7 +161,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px images)")
     parser.add_argument("--context", type=int, default=77, help="context tokens (77 plain SD, 240 LongAlign)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc keeps freed memory in our workers")
+    parser.add_argument("--plain-memory", action="store_true", help="ours without keep_freed_memory")
     parser.add_argument("--compile", action="store_true", help="time ours compiled (fullgraph, frozen on a CPU)")
     args = parser.parse_args()
     load_before = f"load average {os.getloadavg()[0]:.2f}"

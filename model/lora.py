@@ -34,6 +34,7 @@ from torch import nn
 from model.convert import Layout, WeightsError
 from model.lora_formats import (LoRALayout, from_release_list, read_lora_contents,
                                 save_lora_file, to_dotted_state)
+from model.packed_conv import Conv2d
 from model.weights import check_state_dict
 
 # Where the adapters go, as in the authors' release: every Linear/Conv2d inside a ResNet block, inside
@@ -127,7 +128,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         return layer
 
 
-class LoRAConv2d(LoRALayer, nn.Conv2d):
+class LoRAConv2d(LoRALayer, Conv2d):
     """An nn.Conv2d (same weight and bias objects) plus a LoRA branch: down is a conv with the base kernel,
     stride and padding into ``rank`` channels, up is a 1×1 conv back to the output channels."""
 
@@ -142,14 +143,14 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
                         nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device), dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_lora_branch(self._conv_forward(x, self.weight, self.bias), x)
+        return self.add_lora_branch(super().forward(x), x)  # the base conv, laid out for CPU inference
 
     def delta_weight(self) -> torch.Tensor:
         up = self.lora_up.weight[:, :, 0, 0]  # [out, r, 1, 1] -> [out, r]
         return self.scale * torch.einsum("or,rikl->oikl", up, self.lora_down.weight)  # -> [out, in, kh, kw]
 
-    def plain(self) -> nn.Conv2d:
-        layer = nn.Conv2d(**_conv_args(self), device="meta")
+    def plain(self) -> Conv2d:
+        layer = Conv2d(**_conv_args(self), device="meta")
         layer.weight, layer.bias = self.weight, self.bias
         return layer
 

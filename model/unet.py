@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.packed_conv import Conv2d
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -104,12 +106,12 @@ class ResnetBlock2D(nn.Module):
                  groups: int = 32, eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(silu(self.norm1(x)))
@@ -157,7 +159,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, asymmetric_padding: bool = False):
         super().__init__()
         self.asymmetric_padding = asymmetric_padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_padding:
@@ -170,7 +172,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:
@@ -198,14 +200,26 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU then Linear 4C→C. Keys ``net.0.proj`` and ``net.2``; ``net.1`` is diffusers' dropout slot."""
+    """GEGLU then Linear 4C→C. Keys ``net.0.proj`` and ``net.2``; ``net.1`` is diffusers' dropout slot.
+
+    Without autograd it runs ``ROWS_PER_PIECE`` tokens at a time. Each token's output depends on that token
+    alone, but the GEGLU's 8C-wide intermediate of a whole 64×64 map at batch 2 is 84 MB in fp32: past the
+    size (32 MB) above which glibc hands freed memory back to the kernel, so every forward would page-fault
+    it in afresh. A piece of 2,048 tokens stays under it and is reused from the heap. With autograd the
+    pieces would only add graph nodes, so training runs the whole sequence at once.
+    """
+
+    ROWS_PER_PIECE = 2048
 
     def __init__(self, dim: int, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        rows = x.flatten(0, -2)
+        if torch.is_grad_enabled() or rows.shape[0] <= self.ROWS_PER_PIECE:
+            return self.net(x)
+        return torch.cat([self.net(piece) for piece in rows.split(self.ROWS_PER_PIECE)]).view_as(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -236,10 +250,10 @@ class Transformer2DModel(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim, dropout) for _ in range(layers))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -380,7 +394,7 @@ class UNet2DConditionModel(nn.Module):
         levels = len(channels)
 
         self.time_embedding = TimestepEmbedding(channels[0], cfg.time_embed_dim)
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
 
         self.down_blocks = nn.ModuleList(
             UNetDownBlock(cfg, channels[max(i - 1, 0)], channels[i], cfg.cross_attention[i],
@@ -400,7 +414,7 @@ class UNet2DConditionModel(nn.Module):
                                           cfg.cross_attention[i], upsample=i > 0))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[0], eps=1e-5)
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.packed_conv import Conv2d
 from model.unet import Downsample, ResnetBlock2D, UNetAttention, Upsample, add_residual, maybe_checkpoint, silu
 
 EPS = 1e-6  # every GroupNorm in the VAE
@@ -115,14 +116,14 @@ class VAEEncoder(nn.Module):
         super().__init__()
         channels, levels = cfg.block_out_channels, len(cfg.block_out_channels)
         self.gradient_checkpointing = False
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             VAEEncoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block, cfg.norm_groups,
                          downsample=i < levels - 1)
             for i in range(levels))
         self.mid_block = VAEMidBlock(channels[-1], cfg.norm_groups)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -138,14 +139,14 @@ class VAEDecoder(nn.Module):
         super().__init__()
         channels, levels = cfg.block_out_channels[::-1], len(cfg.block_out_channels)
         self.gradient_checkpointing = False
-        self.conv_in = nn.Conv2d(cfg.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, channels[0], 3, padding=1)
         self.mid_block = VAEMidBlock(channels[0], cfg.norm_groups)
         self.up_blocks = nn.ModuleList(
             VAEDecoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block + 1, cfg.norm_groups,
                          upsample=i < levels - 1)
             for i in range(levels))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, channels[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -167,8 +168,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = VAEEncoder(cfg)
         self.decoder = VAEDecoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     @property
     def scaling_factor(self) -> float:
