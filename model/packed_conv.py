@@ -41,6 +41,15 @@ class Conv2d(nn.Conv2d):
             x, self.laid_out_weight(x.shape), self.bias, list(self.padding), list(self.stride),
             list(self.dilation), self.groups, "none", [], "")
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickling leave the laid-out weight behind: an opaque oneDNN tensor has no storage
+        # to copy, and the copy lays out its own on first use
+        return {k: v for k, v in self.__dict__.items() if k != "_laid_out"}
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_laid_out", None)  # .to() and .half() make a new weight: free the old layout now
+        return super()._apply(fn, recurse)
+
     def laid_out_weight(self, input_shape: torch.Size) -> torch.Tensor:
         """oneDNN's copy of the weight for inputs of ``input_shape``, made again when stale."""
         weight = self.weight

@@ -2,6 +2,9 @@
 (1e-5 relative: oneDNN sums in another order), follows every change to the weight, and stays out of
 training, autocast and inference-mode weights. The whole UNet and VAE are held to diffusers by
 test_unet_vae.py, which runs this path too."""
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +107,17 @@ def test_bf16_is_laid_out_only_where_onednn_has_bf16_kernels(layouts_made):
     with torch.no_grad():
         assert relative_error(conv(x), expected(conv, x)) <= 1e-2  # bf16 keeps 8 bits of mantissa
     assert len(layouts_made) == int(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_a_conv_that_has_run_can_still_be_copied_saved_and_moved(layouts_made):
+    """The laid-out weight is an opaque oneDNN tensor, which deepcopy and pickling cannot copy: it stays behind."""
+    torch.manual_seed(0)
+    conv, x = Conv2d(8, 8, 3, padding=1), channels_last(torch.randn(1, 8, 6, 6))
+    with torch.no_grad():
+        out = conv(x)
+        twin = copy.deepcopy(conv)
+        torch.save(conv, io.BytesIO())
+        assert torch.equal(twin(x), out)  # the copy laid out its own
+        half = conv.to(torch.bfloat16)
+        assert relative_error(half(x.bfloat16()), out) <= 1e-2
+    assert len(layouts_made) == 2 + int(torch.ops.mkldnn._is_mkldnn_bf16_supported())
