@@ -6,14 +6,15 @@ as much as the arithmetic: a 1280-channel 3×3 conv at 8×8 takes 32 ms in eager
 laid-out weight (``bench/unet_speed.py`` measures the whole UNet). inductor's freezing does the same layout at
 compile time; this is the eager version of it.
 
-The laid-out copy is kept beside the weight (not in the state dict) and made again whenever it may be stale:
-a new input shape (oneDNN picks the layout per shape), a new dtype or storage (``.to``, ``load_state_dict``
-with ``assign``), or an in-place write to the weight (a LoRA merge, an optimizer step), which bumps the
-weight's version counter. It costs a second copy of the conv weights in memory. It serves channels-last
-inputs only (``model.speed.prefer_channels_last``, as sample.py and train.py run), since oneDNN writes its
-output channels-last, as nn.Conv2d does for those. Everything else takes nn.Conv2d's own path: CUDA, autograd (training), autocast, ``torch.compile`` (which lays weights out itself),
-bf16 where oneDNN has no bf16 kernels for this CPU, and weights whose changes cannot be tracked (inference-mode
-tensors have no version counter).
+The laid-out copy is kept beside the weight (not in the state dict) and made again whenever it may be stale: a
+new input shape (oneDNN picks the layout per shape), a new dtype or storage (``.to``, ``load_state_dict`` with
+``assign``), or an in-place write to the weight (a LoRA merge, an optimizer step), which bumps the weight's
+version counter. It costs a second copy of the conv weights in memory (2.4 GB for SD-1.5's UNet in fp32). It
+serves channels-last inputs only (``model.speed.prefer_channels_last``, as sample.py and train.py run), since
+oneDNN writes its output channels-last, as nn.Conv2d does for those. Everything else takes nn.Conv2d's own
+path: CUDA, autograd (training), autocast, ``torch.compile`` (which lays weights out itself), bf16 where
+oneDNN has no bf16 kernels for this CPU, and weights whose changes cannot be tracked (inference-mode tensors
+have no version counter).
 """
 from __future__ import annotations
 
