@@ -202,11 +202,10 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU then Linear 4C→C. Keys ``net.0.proj`` and ``net.2``; ``net.1`` is diffusers' dropout slot.
 
-    Without autograd it runs ``ROWS_PER_PIECE`` tokens at a time. Each token's output depends on that token
-    alone, but the GEGLU's 8C-wide intermediate of a whole 64×64 map at batch 2 is 84 MB in fp32: past the
-    size (32 MB) above which glibc hands freed memory back to the kernel, so every forward would page-fault
-    it in afresh. A piece of 2,048 tokens stays under it and is reused from the heap. With autograd the
-    pieces would only add graph nodes, so training runs the whole sequence at once.
+    Without autograd it runs ``ROWS_PER_PIECE`` tokens at a time (each token's output depends on it alone):
+    the GEGLU's 8C-wide intermediate of a 64×64 map at batch 2 is 84 MB in fp32, past the 32 MB above which
+    glibc hands freed memory back to the kernel, so every forward would page-fault it in afresh; a piece of
+    2,048 tokens is reused from the heap. With autograd, pieces would only add graph nodes.
     """
 
     ROWS_PER_PIECE = 2048
