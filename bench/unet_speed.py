@@ -6,9 +6,10 @@
 diffusers runs as a user runs it: eager, contiguous, fp32. Ours runs as sample.py runs it: channels-last
 (``model.speed.prefer_channels_last``), conv weights laid out once for oneDNN (model/packed_conv.py), freed
 memory kept for reuse on the CPU (``model.speed.keep_freed_memory``), in fp32 and in the half dtype (bf16 on
-a CPU: only worth it where the CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
-(its own allocator and thread pool, as one sampling process would have), and they run one forward each in
-turn, alternating the order, so that load from other programs on the machine hits all of them alike. Each
+a CPU: only worth it where the CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives
+in its own worker process (its own allocator and thread pool, as one sampling process would have), and they
+run one forward each in turn, alternating the order, so that load from other programs on the machine hits all
+of them alike. Each
 figure is the median over ``--repeats`` forwards after one untimed forward; the table gives wall time and
 the process's CPU time (user + system), which other programs disturb less than the wall clock. Every worker
 runs with ``OMP_WAIT_POLICY=PASSIVE``, so that a thread waiting for another sleeps instead of spinning and the

@@ -2,9 +2,9 @@
 
 PyTorch's eager CPU convolution hands a plain (OIHW or OHWI) weight to oneDNN, which first copies it into its
 own blocked layout and then convolves. For the wide, small convolutions deep in SD-1.5's UNet that copy costs
-as much as the arithmetic: a 1280-channel 3×3 conv at 8×8 takes 32 ms in eager fp32 on 2 cores and 13 ms on a
-laid-out weight (``bench/unet_speed.py`` measures the whole UNet). inductor's freezing does the same layout at
-compile time; this is the eager version of it.
+about as much as the arithmetic (in a one-off timing on 2 cores, a 1280-channel 3×3 conv at 8×8 took 32 ms in
+eager fp32 and 13 ms on a laid-out weight; ``bench/unet_speed.py`` measures the whole UNet). inductor's
+freezing does the same layout at compile time; this is the eager version of it.
 
 The laid-out copy is kept beside the weight (not in the state dict) and made again whenever it may be stale: a
 new input shape (oneDNN picks the layout per shape), a new dtype or storage (``.to``, ``load_state_dict`` with

@@ -56,9 +56,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves a large block by a fresh ``mmap`` and unmaps it when freed, and trims the heap's
     free top: a CPU forward of a big model then page-faults its activations in afresh (and the kernel zeroes
-    every page), about a tenth of an fp32 SD-1.5 UNet forward on 2 cores. After this, blocks up to 32 MB come
-    from the heap and the heap keeps up to 2 GiB of free top, so the next forward reuses the pages. The process
-    keeps its peak memory. Returns whether glibc took both settings (False on other C libraries).
+    every page). After this, blocks up to 32 MB come from the heap and the heap keeps up to 2 GiB of free top,
+    so the next forward reuses the pages; ``bench/unet_speed.py --plain-memory`` shows what that is worth (about
+    1% of an fp32 SD-1.5 UNet forward on 2 cores, once the feed-forward runs in pieces). The process keeps its
+    peak memory. Returns whether glibc took both settings (False on other C libraries).
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False

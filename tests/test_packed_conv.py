@@ -32,7 +32,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def layouts_made(monkeypatch) -> list:
     """The input shapes Conv2d.laid_out_weight is asked for: one entry per laid-out call."""
     seen, original = [], Conv2d.laid_out_weight
-    monkeypatch.setattr(Conv2d, "laid_out_weight", lambda self, shape: seen.append(tuple(shape)) or original(self, shape))
+
+    def recording(self, shape):
+        seen.append(tuple(shape))
+        return original(self, shape)
+
+    monkeypatch.setattr(Conv2d, "laid_out_weight", recording)
     return seen
 
 
