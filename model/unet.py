@@ -4,8 +4,8 @@ The network is an hourglass of ResNet blocks. At the finer levels each ResNet is
 transformer whose cross-attention reads the text context; skip connections carry every down-path output
 to the matching up-path block. Module attribute names mirror the diffusers key names
 (``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight`` ...), so a diffusers checkpoint
-loads without renaming. The building blocks that the VAE needs too (ResNet block, attention, resampling)
-live here and ``model/vae.py`` imports them.
+loads without renaming. The building blocks that the VAE needs too (ResNet block, attention, downsampling)
+live here and ``model/vae.py`` imports them; the upsampling block lives in ``model/upsample.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.packed_conv import Conv2d
+from model.upsample import Upsample
 
 
 @dataclass(frozen=True)
@@ -164,21 +165,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_padding:
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour ×2 (or to ``size``, for odd sizes on the way down), then conv3×3."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
 
 

@@ -3,7 +3,8 @@
 The encoder gives a diagonal Gaussian (mean, logvar) per latent pixel; diffusion runs on
 ``scaling_factor · z`` so that latents have roughly unit variance. Every GroupNorm uses eps 1e-6, there is no
 time embedding, and the mid block has one single-head self-attention. The ResNet block, attention and
-resampling layers are the UNet's (``model/unet.py``); attribute names mirror the diffusers keys.
+resampling layers are the UNet's (``model/unet.py``, ``model/upsample.py``); attribute names mirror the
+diffusers keys.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from model.packed_conv import Conv2d
-from model.unet import Downsample, ResnetBlock2D, UNetAttention, Upsample, add_residual, maybe_checkpoint, silu
+from model.unet import Downsample, ResnetBlock2D, UNetAttention, add_residual, maybe_checkpoint, silu
+from model.upsample import Upsample
 
 EPS = 1e-6  # every GroupNorm in the VAE
 

@@ -14,6 +14,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from model.speed import prefer_channels_last
 from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
+from model.upsample import Upsample
 from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL, posterior_sample, to_uint8
 
 # The public runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json, the parts that matter.
@@ -201,11 +202,13 @@ def test_channels_last_keeps_parity_and_its_layout_through_every_conv():
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said when mkldnn.flags is entered
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_in_place_inference_gives_the_bits_of_the_graph_recording_path(layout):
+def test_in_place_inference_gives_the_bits_of_the_graph_recording_path(layout, monkeypatch):
     """Without autograd the residual adds and activations write into fresh results; that must change no bit
-    (and never overwrite a tensor something else still reads, such as a skip connection). oneDNN is off, so
-    both paths run the same convolution (with it, inference would also take model/packed_conv.py's
-    laid-out weights, whose rounding differs: tests/test_speed.py bounds that)."""
+    (and never overwrite a tensor something else still reads, such as a skip connection). oneDNN is off and
+    the upsampling's folded kernels too, so both paths run the same convolutions (inference would otherwise
+    also take model/packed_conv.py's laid-out weights and model/upsample.py's folded kernels, whose rounding
+    differs: tests/test_speed.py and tests/test_upsample.py bound that)."""
+    monkeypatch.setattr(Upsample, "_folding_applies", lambda self: False)
     unet, _ = unet_pair()
     vae, _ = vae_pair()
     if layout == "channels_last":
