@@ -1,15 +1,17 @@
-"""Time our SD-1.5 UNet against diffusers' UNet2DConditionModel: same full config, same random weights.
+"""Time our SD-1.5 UNet (or VAE decoder) against diffusers' (UNet2DConditionModel, AutoencoderKL): same full
+config, same random weights.
 
     python bench/unet_speed.py                              # CPU: diffusers fp32 vs ours fp32 and bf16
     python bench/unet_speed.py --device cuda --dtype fp16   # on a GPU: diffusers fp32 vs ours fp32 and fp16
+    python bench/unet_speed.py --vae-decode                 # the VAE decoder instead: 64×64 latents to 512²
 
 diffusers runs as a user runs it: eager, contiguous, fp32. Ours runs as sample.py runs it: channels-last
-(``model.speed.prefer_channels_last``), conv weights laid out once for oneDNN (model/packed_conv.py), freed
-memory kept for reuse on the CPU (``model.speed.keep_freed_memory``), in fp32 and in the half dtype (bf16 on
-a CPU: only worth it where the CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives
-in its own worker process (its own allocator and thread pool, as one sampling process would have), and they
-run one forward each in turn, alternating the order, so that load from other programs on the machine hits all
-of them alike. Each
+(``model.speed.prefer_channels_last``), conv weights laid out once for oneDNN (model/packed_conv.py), each
+upsampling conv folded into one 2×2 conv on the small map (model/upsample.py), freed memory kept for reuse on
+the CPU (``model.speed.keep_freed_memory``), in fp32 and in the half dtype (bf16 on a CPU: only worth it where
+the CPU has native bf16 instructions, e.g. AVX512-BF16 or AMX). Each contender lives in its own worker process
+(its own allocator and thread pool, as one sampling process would have), and they run one forward each in
+turn, alternating the order, so that load from other programs on the machine hits all of them alike. Each
 figure is the median over ``--repeats`` forwards after one untimed forward; the table gives wall time and
 the process's CPU time (user + system), which other programs disturb less than the wall clock. Every worker
 runs with ``OMP_WAIT_POLICY=PASSIVE``, so that a thread waiting for another sleeps instead of spinning and the
@@ -38,31 +40,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build(kind: str, dtype: torch.dtype, device: str):
-    """(forward function, model) for one contender; both models start from diffusers' seeded random init."""
+def build(kind: str, dtype: torch.dtype, device: str, vae_decode: bool = False):
+    """(forward function, model) for one contender; both models start from diffusers' seeded random init.
+
+    The forward is the UNet's (latents, timesteps, context) -> ε, or with ``vae_decode`` the VAE's latents ->
+    image."""
     import diffusers  # the reference; only the benchmarks and the tests import it
 
-    from model.convert import unet_config_to_diffusers
+    from model.convert import unet_config_to_diffusers, vae_config_to_diffusers
     from model.speed import prefer_channels_last
     from model.unet import UNet2DConditionModel
+    from model.vae import AutoencoderKL
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = {k: v for k, v in unet_config_to_diffusers(UNet2DConditionModel().config).items() if k[0] != "_"}
-    theirs = diffusers.UNet2DConditionModel(**config).eval()
+    ours_class, theirs_class, to_diffusers = ((AutoencoderKL, diffusers.AutoencoderKL, vae_config_to_diffusers)
+                                              if vae_decode else (UNet2DConditionModel, diffusers.UNet2DConditionModel,
+                                                                  unet_config_to_diffusers))
+    config = {k: v for k, v in to_diffusers(ours_class().config).items() if k[0] != "_"}
+    theirs = theirs_class(**config).eval()
     if kind == "diffusers":
         theirs.to(device=device, dtype=dtype)
-        return (lambda x, t, c: theirs(x, t, c).sample), theirs
+        return ((lambda z: theirs.decode(z).sample) if vae_decode else (lambda x, t, c: theirs(x, t, c).sample)), theirs
     with torch.device("meta"):
-        ours = UNet2DConditionModel()
+        ours = ours_class()
     ours.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in theirs.state_dict().items()}, assign=True)
     del theirs
     ours = prefer_channels_last(ours.eval())
+    forward = ours.decode if vae_decode else ours
     if kind == "compiled":
         if device == "cpu":
             import torch._inductor.config as inductor
             inductor.freezing = True  # inference only: the weights are read once, at compile time
-        return torch.compile(ours, fullgraph=True), ours
-    return ours, ours
+        return torch.compile(forward, fullgraph=True), ours
+    return forward, ours
 
 
 def worker(connection, kind: str, dtype_name: str, args) -> None:
@@ -71,20 +81,21 @@ def worker(connection, kind: str, dtype_name: str, args) -> None:
     if kind != "diffusers" and device == "cpu" and not args.plain_memory:
         from model.speed import keep_freed_memory
         keep_freed_memory()  # as sample.py does on the CPU
-    forward, _ = build(kind, dtype, device)
+    forward, _ = build(kind, dtype, device, args.vae_decode)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(args.batch, 4, args.size, args.size, generator=generator).to(device, dtype)
     context = torch.randn(args.batch, args.context, 768, generator=generator).to(device, dtype)
     timesteps = torch.full((args.batch,), 500, device=device)
+    inputs = (latents,) if args.vae_decode else (latents, timesteps, context)
     connection.send("ready")
     with torch.inference_mode():
-        forward(latents, timesteps, context)  # warm-up
+        forward(*inputs)  # warm-up
         for command in iter(connection.recv, "stop"):
             if command == "out":
-                connection.send(forward(latents, timesteps, context).float().cpu())
+                connection.send(forward(*inputs).float().cpu())
                 continue
             start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            forward(latents, timesteps, context)
+            forward(*inputs)
             if device == "cuda":
                 torch.cuda.synchronize()
             end = resource.getrusage(resource.RUSAGE_SELF)
@@ -141,8 +152,9 @@ def machine(device: str) -> str:
 
 
 def report(args, times: dict, differences: dict, load_before: str) -> None:
-    print(f"SD-1.5 UNet forward: {machine(args.device)} (before: {load_before}); batch {args.batch}, latents "
-          f"{args.size}×{args.size}, context {args.context}; medians of {args.repeats}, interleaved"
+    what = "VAE decode" if args.vae_decode else f"UNet forward, context {args.context}"
+    print(f"SD-1.5 {what}: {machine(args.device)} (before: {load_before}); batch {args.batch}, latents "
+          f"{args.size}×{args.size}; medians of {args.repeats}, interleaved"
           + ("; ours with glibc's default memory reuse" if args.plain_memory else ""))
     print(f"{'contender':<18} {'wall s':>8} {'x diffusers':>11} {'cpu s':>8} {'x diffusers':>11} {'max |diff|':>10}")
     reference = next(iter(times))
@@ -158,13 +170,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="ours' half dtype")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="default: 2 (CFG) for the UNet, 1 for the VAE")
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px images)")
     parser.add_argument("--context", type=int, default=77, help="context tokens (77 plain SD, 240 LongAlign)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plain-memory", action="store_true", help="ours without keep_freed_memory")
     parser.add_argument("--compile", action="store_true", help="time ours compiled (fullgraph, frozen on a CPU)")
+    parser.add_argument("--vae-decode", action="store_true", help="time the VAE's decode instead of the UNet")
     args = parser.parse_args()
+    args.batch = args.batch or (1 if args.vae_decode else 2)
     load_before = f"load average {os.getloadavg()[0]:.2f}"
     ours = "compiled" if args.compile else "ours"
     workers = start_workers([("diffusers", "fp32"), (ours, "fp32"), (ours, args.dtype)], args)
