@@ -10,10 +10,12 @@ single conv with 4× the output channels and padding 1, whose (H+1)×(W+1) outpu
 al., "Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural
 Network" (2016), here derived from an existing upsample-then-conv rather than learned.
 
-It does 16·(H+1)(W+1) multiply-adds per channel pair instead of 36·HW: 0.50× at 16×16, 0.47× at 32×32. The
-sums of taps round differently from the 3×3 conv, within a few 1e-6 relative. The folded kernels are made
-once and kept (made again when the weight changes, as model/packed_conv.py does for its layout); they cost
-16/9 of the conv's weight in memory, 236 MB for SD-1.5's UNet in fp32.
+It does 16·(H+1)(W+1) multiply-adds per channel pair instead of 36·HW: 0.56× at 8×8, 0.50× at 16×16, 0.47× at
+32×32. In a one-off timing on 2 cores, SD-1.5's 1280-channel upsampling to 32×32 took 164 ms as written and 85 ms
+folded (``bench/unet_speed.py`` measures whole models). The sums of taps round differently from the 3×3 conv,
+within a few 1e-6 relative. The folded kernels are made once and kept (made again when the weight changes, as
+model/packed_conv.py does for its layout); they cost 16/9 of the conv's weight in memory, 236 MB for SD-1.5's
+UNet in fp32, and as much again for oneDNN's layout of them.
 """
 from __future__ import annotations
 
@@ -61,8 +63,9 @@ def interleave_phases(phases: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 (or to ``size``, for odd sizes on the way down), then conv3×3.
 
-    Without autograd an exact ×2 takes the folded path above. Training, ``torch.compile`` (which would trace
-    the kernel cache), a LoRA-wrapped conv (its weight is not the whole kernel) and odd sizes take the plain one.
+    Without autograd an exact ×2 takes the folded path above. The plain path serves the rest: training,
+    ``torch.compile`` (which would trace the kernel cache), a LoRA-wrapped conv (its weight is not the whole
+    kernel), weights made under inference mode (no version counter to follow their changes) and odd sizes.
     """
 
     def __init__(self, channels: int):
