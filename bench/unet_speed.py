@@ -53,14 +53,18 @@ def build(kind: str, dtype: torch.dtype, device: str, vae_decode: bool = False):
     from model.vae import AutoencoderKL
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    ours_class, theirs_class, to_diffusers = ((AutoencoderKL, diffusers.AutoencoderKL, vae_config_to_diffusers)
-                                              if vae_decode else (UNet2DConditionModel, diffusers.UNet2DConditionModel,
-                                                                  unet_config_to_diffusers))
+    if vae_decode:
+        ours_class, theirs_class, to_diffusers = AutoencoderKL, diffusers.AutoencoderKL, vae_config_to_diffusers
+    else:
+        ours_class, theirs_class = UNet2DConditionModel, diffusers.UNet2DConditionModel
+        to_diffusers = unet_config_to_diffusers
     config = {k: v for k, v in to_diffusers(ours_class().config).items() if k[0] != "_"}
     theirs = theirs_class(**config).eval()
     if kind == "diffusers":
         theirs.to(device=device, dtype=dtype)
-        return ((lambda z: theirs.decode(z).sample) if vae_decode else (lambda x, t, c: theirs(x, t, c).sample)), theirs
+        if vae_decode:
+            return (lambda z: theirs.decode(z).sample), theirs
+        return (lambda x, t, c: theirs(x, t, c).sample), theirs
     with torch.device("meta"):
         ours = ours_class()
     ours.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in theirs.state_dict().items()}, assign=True)
