@@ -63,9 +63,11 @@ def interleave_phases(phases: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 (or to ``size``, for odd sizes on the way down), then conv3×3.
 
-    Without autograd an exact ×2 takes the folded path above. The plain path serves the rest: training,
-    ``torch.compile`` (which would trace the kernel cache), a LoRA-wrapped conv (its weight is not the whole
-    kernel), weights made under inference mode (no version counter to follow their changes) and odd sizes.
+    Without autograd an exact ×2 takes the folded path above. Under ``torch.compile`` the kernels are folded
+    inside the graph instead of read from the cache (a compile with freezing, as sampling on the CPU runs,
+    folds them once, as a constant). The plain path serves the rest: training, a LoRA-wrapped conv (its weight
+    is not the whole kernel), weights made under inference mode (no version counter to follow their changes)
+    and odd sizes.
     """
 
     def __init__(self, channels: int):
@@ -73,8 +75,10 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        if tuple(size or (2 * height, 2 * width)) == (2 * height, 2 * width) and self._folding_applies():
+        if self._folding_applies(x, size):
+            if torch.compiler.is_compiling():
+                phases = F.conv2d(x, phase_kernels(self.conv.weight), self.conv.bias.repeat(4), padding=1)
+                return interleave_phases(phases, x)
             return interleave_phases(self.phase_conv()(x), x)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -82,9 +86,10 @@ class Upsample(nn.Module):
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
 
-    def _folding_applies(self) -> bool:
-        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(self.conv) is Conv2d
-                and not self.conv.weight.is_inference())
+    def _folding_applies(self, x: torch.Tensor, size: tuple[int, int] | None) -> bool:
+        doubled = (2 * x.shape[-2], 2 * x.shape[-1])
+        return (tuple(size or doubled) == doubled and not torch.is_grad_enabled() and type(self.conv) is Conv2d
+                and (torch.compiler.is_compiling() or not self.conv.weight.is_inference()))
 
     def phase_conv(self) -> Conv2d:
         """The 2×2 conv of the four folded kernels, made again when the 3×3 weight or bias has changed."""

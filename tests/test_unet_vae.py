@@ -208,7 +208,7 @@ def test_in_place_inference_gives_the_bits_of_the_graph_recording_path(layout, m
     the upsampling's folded kernels too, so both paths run the same convolutions (inference would otherwise
     also take model/packed_conv.py's laid-out weights and model/upsample.py's folded kernels, whose rounding
     differs: tests/test_speed.py and tests/test_upsample.py bound that)."""
-    monkeypatch.setattr(Upsample, "_folding_applies", lambda self: False)
+    monkeypatch.setattr(Upsample, "_folding_applies", lambda self, x, size: False)
     unet, _ = unet_pair()
     vae, _ = vae_pair()
     if layout == "channels_last":

@@ -1,7 +1,8 @@
 """model/upsample.py: the folded (sub-pixel) upsample-then-conv gives diffusers' Upsample2D output within float
 rounding (1e-5 relative: the folded taps are summed before they multiply), in either memory format, follows
-every change to the weight, and leaves training, LoRA-wrapped convs and odd sizes on the plain path. The whole
-UNet and VAE are held to diffusers by test_unet_vae.py, which runs this path too."""
+every change to the weight, is traced into compiled graphs, and leaves training, LoRA-wrapped convs and odd
+sizes on the plain path. The whole UNet and VAE are held to diffusers by test_unet_vae.py, which runs this
+path too."""
 import copy
 
 from diffusers.models.upsampling import Upsample2D
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from model.lora import inject_lora
 from model.packed_conv import Conv2d
-from model.upsample import Upsample
+from model.upsample import Upsample, phase_kernels
 
 TOLERANCE = 1e-5
 
@@ -99,3 +100,25 @@ def test_the_folded_conv_is_a_laid_out_conv():
     """The 2×2 conv is model/packed_conv.py's Conv2d, so CPU inference also reuses its oneDNN layout."""
     with torch.no_grad():
         assert type(Upsample(8).phase_conv()) is Conv2d
+
+
+def test_compiled_upsampling_folds_inside_one_graph(monkeypatch):
+    """Under torch.compile (fullgraph: a break fails) the fold is traced into the graph, not read from the cache."""
+    traced, original = [], phase_kernels
+
+    def recording(weight):
+        traced.append(tuple(weight.shape))
+        return original(weight)
+
+    monkeypatch.setitem(Upsample.forward.__globals__, "phase_kernels", recording)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    reference = Upsample2D(8, use_conv=True).eval()
+    up = Upsample(8)
+    up.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = torch.compile(up, fullgraph=True)(x)
+        assert relative_error(out, reference(x)) <= TOLERANCE
+    torch._dynamo.reset()
+    assert traced == [(8, 8, 3, 3)] and "_phase_conv" not in up.__dict__
