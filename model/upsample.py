@@ -64,10 +64,11 @@ class Upsample(nn.Module):
     """Nearest-neighbour ×2 (or to ``size``, for odd sizes on the way down), then conv3×3.
 
     Without autograd an exact ×2 takes the folded path above. Under ``torch.compile`` the kernels are folded
-    inside the graph instead of read from the cache (a compile with freezing, as sampling on the CPU runs,
-    folds them once, as a constant). The plain path serves the rest: training, a LoRA-wrapped conv (its weight
-    is not the whole kernel), weights made under inference mode (no version counter to follow their changes)
-    and odd sizes.
+    inside the graph instead of read from the cache: a compile with freezing, as sampling on the CPU runs,
+    folds them once, as a constant; without it (CUDA) the fold reruns at each call, a pass over the weight
+    against half the conv's multiply-adds. The plain path serves the rest: training, a LoRA-wrapped conv (its
+    weight is not the whole kernel), weights made under inference mode (no version counter to follow their
+    changes) and odd sizes.
     """
 
     def __init__(self, channels: int):
