@@ -23,12 +23,14 @@ from torch import nn
 
 
 def packing_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when a laid-out weight can serve this call (see the module docstring for why each test)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    """True when a laid-out weight can serve this call (see the module docstring for why each test).
+
+    The compiler test comes first: dynamo cannot trace the bf16 query, which returns a bool, not a tensor."""
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and x.dtype == weight.dtype
             and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not weight.is_inference()
+            and not torch.is_autocast_enabled("cpu") and not weight.is_inference()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
