@@ -49,16 +49,17 @@ def build(kind: str, dtype: torch.dtype, device: str, vae_decode: bool = False):
 
     from model.convert import unet_config_to_diffusers, vae_config_to_diffusers
     from model.speed import prefer_channels_last
-    from model.unet import UNet2DConditionModel
-    from model.vae import AutoencoderKL
+    from model.unet import CONFIGS as UNET_CONFIGS, UNet2DConditionModel
+    from model.vae import CONFIGS as VAE_CONFIGS, AutoencoderKL
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
-    if vae_decode:
-        ours_class, theirs_class, to_diffusers = AutoencoderKL, diffusers.AutoencoderKL, vae_config_to_diffusers
+    if vae_decode:  # the configs, not a built model: building one only to read its config costs gigabytes
+        ours_class, theirs_class = AutoencoderKL, diffusers.AutoencoderKL
+        config = vae_config_to_diffusers(VAE_CONFIGS["sd15"])
     else:
         ours_class, theirs_class = UNet2DConditionModel, diffusers.UNet2DConditionModel
-        to_diffusers = unet_config_to_diffusers
-    config = {k: v for k, v in to_diffusers(ours_class().config).items() if k[0] != "_"}
+        config = unet_config_to_diffusers(UNET_CONFIGS["sd15"])
+    config = {k: v for k, v in config.items() if k[0] != "_"}
     theirs = theirs_class(**config).eval()
     if kind == "diffusers":
         theirs.to(device=device, dtype=dtype)

@@ -38,11 +38,18 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return kernels.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
 
 
+def folded_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of the 2×2 conv (padding 1) that replaces upsample-then-``conv``: the four phase
+    kernels, and ``conv``'s bias once per phase."""
+    return phase_kernels(conv.weight), conv.bias.repeat(4)
+
+
 def folded_conv(conv: nn.Conv2d) -> Conv2d:
-    """The 2×2 conv (padding 1) of ``conv``'s four phase kernels, each phase with ``conv``'s bias; no autograd."""
+    """That 2×2 conv as a module of its own, for the cache; no autograd."""
     folded = Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, device="meta")
-    folded.weight = nn.Parameter(phase_kernels(conv.weight.detach()), requires_grad=False)
-    folded.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
+    weight, bias = folded_weights(conv)
+    folded.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    folded.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return folded
 
 
@@ -78,8 +85,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self._folding_applies(x, size):
             if torch.compiler.is_compiling():
-                phases = F.conv2d(x, phase_kernels(self.conv.weight), self.conv.bias.repeat(4), padding=1)
-                return interleave_phases(phases, x)
+                return interleave_phases(F.conv2d(x, *folded_weights(self.conv), padding=1), x)
             return interleave_phases(self.phase_conv()(x), x)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import upsample
 from model.lora import inject_lora
 from model.packed_conv import Conv2d
-from model.upsample import Upsample, phase_kernels
+from model.upsample import Upsample
 
 TOLERANCE = 1e-5
 
@@ -30,13 +31,13 @@ def plain(up: Upsample, x: torch.Tensor, size=None) -> torch.Tensor:
 @pytest.fixture
 def folds(monkeypatch) -> list:
     """One entry per time Upsample builds its folded conv."""
-    made, original = [], Upsample.phase_conv.__globals__["folded_conv"]
+    made, original = [], upsample.folded_conv
 
     def recording(conv):
         made.append(conv.weight.shape)
         return original(conv)
 
-    monkeypatch.setitem(Upsample.phase_conv.__globals__, "folded_conv", recording)
+    monkeypatch.setattr(upsample, "folded_conv", recording)
     return made
 
 
@@ -104,13 +105,13 @@ def test_the_folded_conv_is_a_laid_out_conv():
 
 def test_compiled_upsampling_folds_inside_one_graph(monkeypatch):
     """Under torch.compile (fullgraph: a break fails) the fold is traced into the graph, not read from the cache."""
-    traced, original = [], phase_kernels
+    traced, original = [], upsample.phase_kernels
 
     def recording(weight):
         traced.append(tuple(weight.shape))
         return original(weight)
 
-    monkeypatch.setitem(Upsample.forward.__globals__, "phase_kernels", recording)
+    monkeypatch.setattr(upsample, "phase_kernels", recording)
     torch._dynamo.reset()
     torch.manual_seed(0)
     reference = Upsample2D(8, use_conv=True).eval()
